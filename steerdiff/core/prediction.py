@@ -1,0 +1,68 @@
+"""Conversions between what a network predicts and the quantities samplers use.
+
+For x_t = alpha x0 + sigma eps (VP) and the three diffusers ``prediction_type`` values:
+
+- ``epsilon``:      eps = output,                     x0 = (x - sigma eps) / alpha
+- ``sample``:       x0 = output,                      eps = (x - alpha x0) / sigma
+- ``v_prediction``: v = alpha eps - sigma x0 = output, x0 = alpha x - sigma v,  eps = sigma x + alpha v
+
+``alpha`` and ``sigma`` are scalars or per-sample tensors of shape (B,).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .tensors import expand_to
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return prediction_type
+
+
+def to_x0(output: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction_type: str) -> torch.Tensor:
+    """The data prediction D = x0_hat from a model output."""
+    check_prediction_type(prediction_type)
+    a, s = expand_to(alpha, x), expand_to(sigma, x)
+    if prediction_type == "epsilon":
+        return (x - s * output) / a
+    if prediction_type == "sample":
+        return output
+    return a * x - s * output
+
+
+def to_eps(output: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction_type: str) -> torch.Tensor:
+    """The noise prediction eps_hat from a model output."""
+    check_prediction_type(prediction_type)
+    a, s = expand_to(alpha, x), expand_to(sigma, x)
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "sample":
+        return (x - a * output) / s
+    return s * x + a * output
+
+
+def from_x0(x0: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction_type: str) -> torch.Tensor:
+    """The model output of ``prediction_type`` whose data prediction is ``x0``."""
+    check_prediction_type(prediction_type)
+    a, s = expand_to(alpha, x), expand_to(sigma, x)
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "epsilon":
+        return (x - a * x0) / s
+    return (a * x - x0) / s  # v = alpha eps - sigma x0 with eps = (x - alpha x0) / sigma and alpha^2 + sigma^2 = 1
+
+
+def from_eps(eps: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction_type: str) -> torch.Tensor:
+    """The model output of ``prediction_type`` whose noise prediction is ``eps``."""
+    check_prediction_type(prediction_type)
+    a, s = expand_to(alpha, x), expand_to(sigma, x)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return (x - s * eps) / a
+    return (eps - s * x) / a  # from eps = sigma x + alpha v
