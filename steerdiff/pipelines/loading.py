@@ -61,7 +61,7 @@ def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dty
         from ..testbeds.mixture import fit_digits_mixture
 
         unet = fit_digits_mixture()
-        scheduler = DDPMScheduler()
+        scheduler = DDPMScheduler(clip_sample=False)
     else:
         root = Path(model).expanduser()
         if not root.exists():
@@ -81,6 +81,8 @@ def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dty
         scheduler = make_scheduler(sched_config.get("_class_name", "DDPMScheduler"), sched_config)
     unet.eval().requires_grad_(False)
     pipe = ClassConditionalPipeline(unet=unet, scheduler=scheduler)
-    pipe.to(device=device, dtype=dtype)
+    pipe.to(device=device)
+    if unet.dtype != dtype:
+        pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
