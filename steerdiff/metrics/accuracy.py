@@ -1,0 +1,22 @@
+"""Class accuracy of class-conditional digits samples: the fraction the digits classifier assigns to the class
+they were generated for (the classifier and its 8-bit quantization are those of
+:mod:`steerdiff.metrics.classifier`)."""
+
+from __future__ import annotations
+
+from .base import Metric, SampleSet
+
+
+class ClassAccuracy(Metric):
+    name = "class_accuracy"
+    keys = ("class_accuracy",)
+
+    def check(self, sample_shape, denoiser=None) -> None:
+        if tuple(sample_shape) != (1, 8, 8):
+            raise ValueError(f"class_accuracy uses the digits classifier (1x8x8 images); this model makes {tuple(sample_shape)} samples")
+
+    def __call__(self, samples: SampleSet) -> dict[str, float]:
+        from .classifier import classify_digits
+
+        predicted = classify_digits(samples.samples)
+        return {"class_accuracy": float((predicted == samples.labels.cpu()).double().mean())}

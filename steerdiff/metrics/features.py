@@ -1,0 +1,170 @@
+"""Feature spaces for Frechet distances and precision/recall, and cached reference features of data sets.
+
+- ``digits``: the penultimate layer (64-d) of the shipped digits classifier
+  (:func:`steerdiff.metrics.classifier.digits_features`), for 1x8x8 images;
+- ``inception``: the 2048-d pool3 features of the FID Inception-v3 (:mod:`steerdiff.metrics.inception`),
+  from a weights file the user supplies (nothing is downloaded).
+
+Images are quantized like the field does before features are taken: u8 = round((x + 1) * 127.5) clipped to
+[0, 255].  Reference features of a data set are computed once and cached in ``cache_dir`` (default
+``$STEERDIFF_CACHE`` or ``~/.cache/steerdiff``), in a file named by the data set, the feature network
+(with a hash of its weights) and the resolution the network reads, so a changed network never reuses
+stale statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic_io import atomic_write
+
+REFERENCE_DATASETS = ("digits",)
+"""Built-in reference data sets; a path to a ``.npy`` file of (N, C, H, W) images in [-1, 1] works too."""
+
+
+@lru_cache(maxsize=16)
+def file_digest(path: str) -> str:
+    """The first 12 hex digits of the file's SHA-256 (identifies weights and data files in cache names)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("STEERDIFF_CACHE", Path.home() / ".cache" / "steerdiff"))
+
+
+class FeatureSpace:
+    """A feature network: ``space(images)`` -> float64 (N, d) features of images in [-1, 1]."""
+
+    name: str
+    resolution: int
+
+    def key(self) -> str:
+        raise NotImplementedError
+
+    def check(self, sample_shape: tuple[int, ...]) -> None:
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DigitsFeatures(FeatureSpace):
+    """The digits classifier's penultimate layer (see :mod:`steerdiff.metrics.classifier`)."""
+
+    name = "digits"
+    resolution = 8
+
+    def key(self) -> str:
+        from .classifier import CLASSIFIER_PATH
+
+        return f"digits-classifier-{file_digest(str(CLASSIFIER_PATH / 'model.safetensors'))}"
+
+    def check(self, sample_shape) -> None:
+        if tuple(sample_shape) != (1, 8, 8):
+            raise ValueError(
+                f"the digits feature space reads 1x8x8 images; this model makes {'x'.join(map(str, sample_shape))} "
+                "samples (use features: inception with a weights file instead)"
+            )
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        from .classifier import digits_features
+
+        return digits_features(images)
+
+
+class InceptionFeatures(FeatureSpace):
+    """pool3 features of the FID Inception-v3 loaded from ``weights`` (see :mod:`steerdiff.metrics.inception`)."""
+
+    name = "inception"
+    resolution = 299
+
+    def __init__(self, weights: str | None = None, allow_pickle: bool = False, batch_size: int = 50, device: str | None = None):
+        from .inception import check_weights_file
+
+        if weights is None:
+            raise ValueError(
+                "the inception feature space needs `weights`: a local copy of pt_inception-2015-12-05-6726825d.pth "
+                "(pytorch-fid's FID Inception weights; nothing is downloaded), preferably converted to safetensors"
+            )
+        self.weights = check_weights_file(weights, allow_pickle)
+        self.allow_pickle = bool(allow_pickle)
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.device = device
+        self._model = None
+
+    def key(self) -> str:
+        return f"inception-{file_digest(str(self.weights))}"
+
+    def check(self, sample_shape) -> None:
+        if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
+            raise ValueError(f"Inception features need 1- or 3-channel images (C, H, W); got samples of shape {tuple(sample_shape)}")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        from .inception import inception_features, load_fid_inception
+
+        if self._model is None:
+            self._model = load_fid_inception(self.weights, allow_pickle=self.allow_pickle, device=self.device)
+        return inception_features(images, self._model, batch_size=self.batch_size)
+
+
+FEATURE_SPACES = {"digits": DigitsFeatures, "inception": InceptionFeatures}
+
+
+def make_feature_space(name: str = "digits", **kwargs) -> FeatureSpace:
+    if name not in FEATURE_SPACES:
+        raise ValueError(f"unknown feature space {name!r}; available: {', '.join(FEATURE_SPACES)}")
+    cls = FEATURE_SPACES[name]
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"] if "__init__" in vars(cls) else []
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"feature space {name!r} has no option(s) {unknown}; allowed: {allowed}")
+    return cls(**kwargs)
+
+
+def reference_images(dataset: str) -> tuple[torch.Tensor, str]:
+    """Images (N, C, H, W) in [-1, 1] of a reference data set, and the data set's id for cache names."""
+    if dataset == "digits":
+        from ..testbeds.digits import load_digits_data
+
+        return load_digits_data("all")[0], "digits"
+    path = Path(dataset).expanduser()
+    if path.suffix != ".npy" or not path.is_file():
+        raise ValueError(
+            f"reference {dataset!r} must be a built-in data set {REFERENCE_DATASETS} or an existing .npy file of "
+            "(N, C, H, W) images in [-1, 1]"
+        )
+    images = torch.from_numpy(np.load(path, allow_pickle=False)).float()
+    if images.ndim != 4:
+        raise ValueError(f"reference file {str(path)!r} must hold (N, C, H, W) images, got shape {tuple(images.shape)}")
+    return images, f"{path.stem}-{file_digest(str(path))}"
+
+
+def reference_features(space: FeatureSpace, dataset: str = "digits", cache_dir: str | Path | None = None) -> torch.Tensor:
+    """Features (float64 (N, d)) of a reference data set in ``space``, cached on disk."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    images, dataset_id = reference_images(dataset)
+    path = cache_dir / "reference" / f"{dataset_id}__{space.key()}__{space.resolution}px.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            return torch.from_numpy(f["features"])
+    features = space(images).to(torch.float64)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, features=features.numpy(), mu=features.mean(0).numpy(), sigma=np.cov(features.numpy(), rowvar=False))
+
+    atomic_write(path, write)
+    return features

@@ -1,0 +1,49 @@
+"""Metrics by name, as a benchmark config names them: ``make_metric("fd")``, ``make_metric("fid", weights=...)``.
+
+=================  ==============================================  =====================================
+name               reports                                          applies to
+=================  ==============================================  =====================================
+fd                 fd (digits feature space vs the digits set)      1x8x8 image models
+fid                fid (Inception pool3; ``weights`` required)      1- or 3-channel image models
+precision_recall   precision, recall (k = 3)                        as fd (or ``features: inception``)
+divergence         magnitude_score, out_of_range                    any (C, H, W) model
+class_accuracy     class_accuracy (digits classifier)               1x8x8 class-conditional models
+l2_to_reference    l2_error (vs a 1,000-step 2nd-order solve)       any; the mixture's headline error
+log_likelihood     log_likelihood (exact, nats)                     GaussianMixtureDenoiser models
+=================  ==============================================  =====================================
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from .accuracy import ClassAccuracy
+from .base import Metric
+from .divergence import Divergence
+from .fd import FrechetDistance, InceptionFID
+from .likelihood import MixtureLogLikelihood
+from .precision_recall import PrecisionRecall
+from .reference_error import ReferenceL2
+
+METRICS: dict[str, type[Metric]] = {
+    cls.name: cls
+    for cls in (FrechetDistance, InceptionFID, PrecisionRecall, Divergence, ClassAccuracy, ReferenceL2, MixtureLogLikelihood)
+}
+
+
+def available_metrics() -> list[str]:
+    return sorted(METRICS)
+
+
+def make_metric(name: str, **kwargs) -> Metric:
+    """The metric called ``name`` built with ``kwargs``; unknown names and options are errors naming the choices."""
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; available: {', '.join(available_metrics())}")
+    cls = METRICS[name]
+    params = {} if cls.__init__ is object.__init__ else dict(inspect.signature(cls.__init__).parameters)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    allowed = sorted(n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD)
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown and not takes_any:
+        raise ValueError(f"metric {name!r} has no option(s) {unknown}; allowed: {allowed}")
+    return cls(**kwargs)
