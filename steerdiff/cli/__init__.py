@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import generate
+from . import benchmark, generate
 from .config import ConfigError
 
-COMMANDS = (generate,)
+COMMANDS = (generate, benchmark)
 
 
 def build_parser() -> argparse.ArgumentParser:

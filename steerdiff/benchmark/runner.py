@@ -1,0 +1,299 @@
+"""Run a benchmark grid: generate every cell's samples in fixed chunks (sharded across processes), score them,
+and record one result per cell, resuming whatever a previous run of the same folder already finished.
+
+Per cell: the scheduler's ``num_inference_steps`` is chosen so that its sampling loop calls the network
+exactly ``nfe`` times (:func:`~steerdiff.benchmark.grid.steps_for_nfe`; a classifier-free-guidance batch
+[uncond, cond] counts once, the field's convention); a forward hook counts the real calls and their batch rows
+(:class:`~steerdiff.benchmark.probe.NetworkProbe`).  A cell whose samples hold NaN/Inf is recorded as
+``diverged`` with the first sampling step that saw them; a cell whose NFE the scheduler cannot reach is
+``skipped``; a chunk or metric that raises makes the cell ``failed`` (retried on the next run) without
+stopping the grid.  Everything else about the config (unknown names, unreadable weights, classes the model
+does not have, metrics that do not apply to a model) is checked before the first sample is drawn.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from ..atomic_io import atomic_write_text
+from ..cli.config import ConfigError
+from ..cli.generate import DTYPES
+from ..core.schedule import NoiseSchedule
+from ..metrics.base import Metric, SampleSet
+from ..metrics.registry import make_metric
+from ..pipelines.class_conditional import null_class_id, sample_shape
+from ..pipelines.loading import load_pipeline
+from ..samplers.registry import make_scheduler
+from .config import BenchmarkConfig, ModelSpec
+from .environment import machine_info, package_versions
+from .grid import Cell, expand_grid, initial_noise, resolve_classes, sample_generators, sample_labels, steps_for_nfe
+from .guidance import build_guidance
+from .probe import NetworkProbe
+from .report import write_report, write_results
+from .sharding import Shard, chunk_bounds, current_shard
+from .storage import FINISHED, Chunk, RunFolder
+
+
+@dataclass
+class ModelPlan:
+    spec: ModelSpec
+    pipe: object
+    shape: tuple[int, ...]
+    classes: list[int]
+    metrics: list[Metric]
+    schedule: NoiseSchedule
+    prediction_type: str
+    dtype: torch.dtype
+
+
+@dataclass
+class CellPlan:
+    cell: Cell
+    model: ModelPlan
+    scheduler: object
+    guidance: object
+    steps: int | None
+    skip_reason: str | None = None
+
+
+def resolve_device(name: str, shard: Shard) -> torch.device:
+    if name == "auto":
+        return shard.device
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and shard.world_size > 1:
+        return shard.device
+    return device
+
+
+def _prepare_model(cfg: BenchmarkConfig, i: int, spec: ModelSpec, device: torch.device) -> ModelPlan:
+    where = f"models[{i}] ({spec.model!r})"
+    try:
+        pipe = load_pipeline(spec.model, device=device, dtype=DTYPES[spec.dtype])
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+    shape = sample_shape(pipe.unet)
+    try:
+        classes = resolve_classes(cfg.classes, null_class_id(pipe.unet), where)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    metrics = []
+    for j, mspec in enumerate(cfg.metrics_for(spec)):
+        where_m = f"{where} metrics[{j}] ({mspec.name!r})" if spec.metrics is not None else f"metrics[{j}] ({mspec.name!r}) for {where}"
+        try:
+            metric = make_metric(mspec.name, **mspec.kwargs)
+            metric.check(shape, pipe.unet)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            raise ConfigError(f"{where_m}: {err}") from None
+        metrics.append(metric)
+    config = pipe.scheduler.config
+    return ModelPlan(spec, pipe, shape, classes, metrics, NoiseSchedule.from_config(config),
+                     config.get("prediction_type", "epsilon"), DTYPES[spec.dtype])
+
+
+def prepare(cfg: BenchmarkConfig, device: torch.device) -> list[CellPlan]:
+    """Load every model and build every scheduler, guidance and metric; raise ``ConfigError`` naming the entry."""
+    models = [_prepare_model(cfg, i, spec, device) for i, spec in enumerate(cfg.models)]
+    schedulers, steps = {}, {}
+    for m in models:
+        for j, sspec in enumerate(cfg.schedulers):
+            try:
+                sched = make_scheduler(sspec.name, m.pipe.scheduler.config, **sspec.kwargs)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"schedulers[{j}] ({sspec.name!r}) for model {m.spec.display!r}: {err}") from None
+            schedulers[m.spec.display, sspec.display] = sched
+            for nfe in cfg.nfe:
+                steps[m.spec.display, sspec.display, nfe] = steps_for_nfe(sched, nfe)
+    guidance = {}
+    for j, gspec in enumerate(cfg.guidance):
+        try:
+            guidance[gspec.display] = build_guidance(gspec)
+        except ValueError as err:
+            raise ConfigError(f"guidance[{j}] ({gspec.name!r}): {err}") from None
+    by_label = {m.spec.display: m for m in models}
+    plans = []
+    for cell in expand_grid(cfg, [m.classes for m in models]):
+        key = (cell.model.display, cell.scheduler.display)
+        n_steps = steps[(*key, cell.nfe)]
+        sched = schedulers[key]
+        reason = None if n_steps is not None else (
+            f"{type(sched).__name__} cannot make exactly {cell.nfe} network calls: no num_inference_steps gives "
+            f"{cell.nfe} timesteps"
+        )
+        plans.append(CellPlan(cell, by_label[cell.model.display], sched, guidance[cell.guidance.display], n_steps, reason))
+    return plans
+
+
+def generate_chunk(plan: CellPlan, start: int, stop: int, device: torch.device) -> Chunk:
+    """Samples start..stop-1 of a cell in one pipeline call, with their call counts and wall time."""
+    m, cell = plan.model, plan.cell
+    generators = sample_generators(cell.seed, start, stop)
+    noise = initial_noise(cell.seed, start, stop, m.shape, generators)
+    labels = sample_labels(m.classes, start, stop)
+    m.pipe.scheduler = copy.deepcopy(plan.scheduler)
+    with NetworkProbe(m.pipe.unet) as probe, plan.guidance.pipeline_call(m.pipe) as call_kwargs:
+        t0 = time.perf_counter()
+        out = m.pipe(labels, num_inference_steps=plan.steps, generator=generators,
+                     latents=noise.to(device, m.dtype), output_type="latent", **call_kwargs).images
+        samples = out.to("cpu", torch.float32)
+        seconds = time.perf_counter() - t0
+    return Chunk(samples, labels, probe.calls, probe.rows, probe.first_nonfinite_call(), seconds)
+
+
+def _base_record(plan: CellPlan, status: str, shard: Shard, device) -> dict:
+    cell = plan.cell
+    return {
+        "cell_id": cell.cell_id,
+        "status": status,
+        **cell.describe(),
+        "scheduler_class": type(plan.scheduler).__name__,
+        "steps": plan.steps,
+        "generation_key": cell.generation_key,
+        "metrics_key": cell.metrics_key,
+        "world_size": shard.world_size,
+        "machine": machine_info(device),
+        "versions": package_versions(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def finish_cell(plan: CellPlan, folder: RunFolder, shard: Shard, device, cache_dir) -> dict:
+    """Gather a cell's chunks (main process), score them and build its record."""
+    cell = plan.cell
+    bounds = chunk_bounds(cell.num_samples, cell.batch_size)
+    errors = [(k, e) for k in range(len(bounds)) if (e := folder.chunk_error(cell.cell_id, k))]
+    if errors:
+        return {**_base_record(plan, "failed", shard, device), "error": f"chunk {errors[0][0]}: {errors[0][1]}"}
+    missing = [k for k in range(len(bounds)) if not folder.has_chunk(cell.cell_id, k)]
+    if missing:
+        raise RuntimeError(
+            f"cell {cell.cell_id}: chunks {missing} are not in {folder.root}; every process must write to the same "
+            "run folder (a filesystem shared by all nodes)"
+        )
+    chunks = [folder.load_chunk(cell.cell_id, k) for k in range(len(bounds))]
+    samples = torch.cat([c.samples for c in chunks])
+    labels = torch.cat([c.labels for c in chunks])
+    rows = sum(c.rows for c in chunks)
+    calls = sorted({c.calls for c in chunks})
+    sample_seconds = sum(c.seconds for c in chunks)
+    record = _base_record(plan, "ok", shard, device)
+    record.update({
+        "nfe_measured": calls[0] if len(calls) == 1 else calls,
+        "network_calls": {"forward_passes": sum(c.calls for c in chunks), "model_evaluations": rows,
+                          "evaluations_per_sample": rows / cell.num_samples},
+        "timing": {"sample_seconds": sample_seconds, "seconds_per_sample": sample_seconds / cell.num_samples,
+                   "chunks": len(chunks)},
+        "metrics": {},
+    })
+    bad = ~torch.isfinite(samples).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        steps = [c.first_nonfinite_call for c in chunks if c.first_nonfinite_call is not None]
+        record["status"] = "diverged"
+        record["diverged"] = {"samples": int(bad.sum()), "fraction": float(bad.double().mean()),
+                              "step": min(steps) if steps else cell.nfe}
+        return record
+    m = plan.model
+    sample_set = SampleSet(
+        samples=samples, labels=labels, noise=initial_noise(cell.seed, 0, cell.num_samples, m.shape),
+        denoiser=m.pipe.unet, guidance=plan.guidance, schedule=m.schedule, prediction_type=m.prediction_type,
+        cache_dir=cache_dir, work_dir=folder.root, reference_key=cell.reference_key,
+    )
+    t0 = time.perf_counter()
+    for metric in m.metrics:
+        try:
+            record["metrics"].update(metric(sample_set))
+        except Exception as err:  # a metric that cannot score this cell fails the cell, not the grid
+            record["status"] = "failed"
+            record["error"] = f"metric {metric.name}: {type(err).__name__}: {err}"
+            break
+    record["timing"]["metric_seconds"] = time.perf_counter() - t0
+    return record
+
+
+def _skipped_record(plan: CellPlan, shard: Shard, device) -> dict:
+    return {**_base_record(plan, "skipped", shard, device), "reason": plan.skip_reason}
+
+
+def _summary(record: dict) -> str:
+    head = f"{record['model']} | {record['guidance']} | {record['scheduler']} | NFE {record['nfe']} | seed {record['seed']}"
+    if record["status"] == "ok":
+        vals = ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items())
+        return f"{head}: {vals} ({record['timing']['sample_seconds']:.1f} s sampling)"
+    detail = record.get("reason") or record.get("error") or (
+        f"{record['diverged']['samples']} samples non-finite from step {record['diverged']['step']}" if record.get("diverged") else "")
+    return f"{head}: {record['status'].upper()} {detail}"
+
+
+def run_benchmark(cfg: BenchmarkConfig, shard: Shard | None = None) -> list[dict]:
+    """Run (or resume) the grid of ``cfg`` in ``cfg.output_dir``; returns the records (on the main process)."""
+    shard = shard or current_shard(cpu=cfg.device == "cpu")
+    device = resolve_device(cfg.device, shard)
+    folder = RunFolder(cfg.output_dir)
+    plans = prepare(cfg, device)
+    if shard.is_main:
+        atomic_write_text(folder.root / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    show = cfg.progress and shard.is_main
+    cells_bar = tqdm(total=len(plans), desc="cells", disable=not show, position=0)
+    records, resumed, t_start = [], 0, time.perf_counter()
+    for plan in plans:
+        cell = plan.cell
+        previous = folder.load_record(cell.cell_id)
+        if (previous and previous["status"] in FINISHED and previous["generation_key"] == cell.generation_key
+                and previous["metrics_key"] == cell.metrics_key):
+            resumed += 1
+            records.append(previous)
+            cells_bar.update()
+            continue
+        if plan.skip_reason is not None:
+            if shard.is_main:
+                record = _skipped_record(plan, shard, device)
+                folder.save_record(cell.cell_id, record)
+                records.append(record)
+                cells_bar.write(_summary(record))
+            cells_bar.update()
+            continue
+        bounds = chunk_bounds(cell.num_samples, cell.batch_size)
+        mine = [k for k in range(len(bounds)) if shard.owns(k)]
+        samples_bar = tqdm(total=sum(bounds[k][1] - bounds[k][0] for k in mine), desc="samples", leave=False,
+                           disable=not show, position=1)
+        for k in mine:
+            start, stop = bounds[k]
+            if not folder.has_chunk(cell.cell_id, k):
+                try:
+                    chunk = generate_chunk(plan, start, stop, device)
+                    chunk.rank = shard.rank
+                    folder.save_chunk(cell.cell_id, k, chunk)
+                except Exception as err:  # recorded as a failed cell; the grid goes on
+                    folder.save_chunk_error(cell.cell_id, k, f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
+            samples_bar.update(stop - start)
+        samples_bar.close()
+        shard.barrier()
+        if shard.is_main:
+            record = finish_cell(plan, folder, shard, device, cfg.cache_dir)
+            folder.save_record(cell.cell_id, record)
+            if not cfg.keep_samples and record["status"] in FINISHED:
+                folder.delete_chunks(cell.cell_id)
+            records.append(record)
+            write_results(folder.root, records)
+            cells_bar.write(_summary(record))
+        cells_bar.update()
+    cells_bar.close()
+    shard.barrier()
+    if shard.is_main:
+        write_results(folder.root, records)
+        write_report(folder.root, records, cfg.report, cfg.name)
+        counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "diverged", "skipped", "failed")}
+        print(
+            f"benchmark {cfg.name!r}: {len(records)} cells ({', '.join(f'{v} {k}' for k, v in counts.items())}; "
+            f"{resumed} finished earlier and reused) in {time.perf_counter() - t_start:.1f} s; results in {folder.root}"
+        )
+    shard.barrier()
+    return records if shard.is_main else []
