@@ -87,3 +87,16 @@ def test_missing_and_wrong_weights_are_clear_errors(tmp_path):
         load_fid_inception(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="the inception feature space needs `weights`"):
         InceptionFID()
+
+
+def test_conversion_script_writes_loadable_safetensors(weights, tmp_path, monkeypatch):
+    from scripts.convert_inception_weights import main
+
+    folder, reference = weights
+    target = tmp_path / "converted.safetensors"
+    monkeypatch.setattr("sys.argv", ["convert", str(folder / "pt_inception.pth"), str(target)])
+    main()
+    converted = load_fid_inception(target).state_dict()
+    for key, value in reference.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(converted[key], value), key
