@@ -162,6 +162,7 @@ def test_new_metrics_rescore_stored_samples_without_sampling(tmp_path, tiny_mode
         ("nfe=[3, 3]", "nfe lists a value twice"),
         ("schedulers=[ddim, ddim]", "schedulers: entries ['ddim'] appear twice"),
         ("stepz=3", "unknown key 'stepz'; allowed keys here:"),
+        ("device=tpu", "device: 'tpu' is not a torch device; use auto, cpu, cuda or cuda:<index>"),
         ("models=[/no/such/model]", "models[0] ('/no/such/model'): model '/no/such/model' is neither a built-in model"),
     ],
 )

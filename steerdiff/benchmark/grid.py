@@ -84,10 +84,12 @@ class Cell:
     classes: tuple[int, ...]
     batch_size: int
     metrics: tuple[MetricSpec, ...] = field(default=())
+    model_fingerprint: str = ""
+    metric_fingerprints: tuple[str, ...] = field(default=())
 
     def _sampling(self) -> dict:
         return {
-            "model": {"model": self.model.model, "dtype": self.model.dtype},
+            "model": {"model": self.model.model, "dtype": self.model.dtype, "weights": self.model_fingerprint},
             "guidance": {"name": self.guidance.name, "scale": self.guidance.scale, "kwargs": self.guidance.kwargs},
             "seed": self.seed,
             "num_samples": self.num_samples,
@@ -110,7 +112,8 @@ class Cell:
 
     @property
     def metrics_key(self) -> str:
-        return stable_hash([m.model_dump() for m in self.metrics])
+        """Identifies how the samples are scored: the metric entries and their networks' weights."""
+        return stable_hash([[m.model_dump() for m in self.metrics], list(self.metric_fingerprints)])
 
     @property
     def cell_id(self) -> str:
@@ -134,11 +137,22 @@ class Cell:
         }
 
 
-def expand_grid(cfg: BenchmarkConfig, classes_per_model: list[list[int]]) -> list[Cell]:
+def model_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of a network's parameters and buffers: retrained or refitted weights make new cells."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def expand_grid(cfg: BenchmarkConfig, classes_per_model: list[list[int]], model_fingerprints: list[str],
+                metric_fingerprints: list[tuple[str, ...]]) -> list[Cell]:
     """Every cell, in the order model, guidance, scheduler, seed, NFE."""
     return [
-        Cell(model, sched, guid, nfe, seed, cfg.num_samples, tuple(classes), cfg.batch_size, tuple(cfg.metrics_for(model)))
-        for model, classes in zip(cfg.models, classes_per_model)
+        Cell(model, sched, guid, nfe, seed, cfg.num_samples, tuple(classes), cfg.batch_size, tuple(cfg.metrics_for(model)),
+             weights, metric_keys)
+        for model, classes, weights, metric_keys in zip(cfg.models, classes_per_model, model_fingerprints, metric_fingerprints)
         for guid in cfg.guidance
         for sched in cfg.schedulers
         for seed in cfg.seeds

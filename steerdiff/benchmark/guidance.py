@@ -3,9 +3,9 @@
 :func:`build_guidance` is the single place where a config's guidance entry becomes something a pipeline
 call and a reference solver can use.  Today it knows the pipeline's built-in classifier-free guidance
 (Ho & Salimans 2022, diffusers' convention g = u + w (c - u), w = ``scale``; w = 1 is plain conditional
-sampling with one network call per step).  Named rules from ``steerdiff.guidance`` are wired in here,
-through ``steerdiff.pipelines.guide(pipe, rule)``, once that package provides them; until then any other
-name is a config error that lists the available ones.
+sampling with one network call per step).  Named rules from ``steerdiff.guidance`` are wired in here, and
+only here, through ``steerdiff.pipelines.guide(pipe, rule)``, once that package provides them; until then any
+other name is a config error that lists the available ones.
 """
 
 from __future__ import annotations
@@ -52,8 +52,12 @@ class ClassifierFreeGuidance:
         return guided
 
 
-def build_guidance(spec: GuidanceSpec, pipe=None) -> ClassifierFreeGuidance:
-    """The guidance a cell samples with.  ``pipe`` is where named rules will be attached with ``guide(pipe, rule)``."""
+def build_guidance(spec: GuidanceSpec) -> ClassifierFreeGuidance:
+    """The guidance a cell samples with.
+
+    A named rule will come back with the same interface: ``pipeline_call(pipe)`` entering ``guide(pipe, rule)``
+    for the duration of a pipeline call, and ``model_fn`` applying the rule to the batched [uncond, cond]
+    outputs for reference solutions.  The rest of the harness only sees this interface."""
     if spec.name == "cfg":
         if spec.kwargs:
             raise ValueError(f"guidance 'cfg' takes only `scale`; got kwargs {sorted(spec.kwargs)}")

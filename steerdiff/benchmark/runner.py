@@ -35,7 +35,8 @@ from ..pipelines.loading import load_pipeline
 from ..samplers.registry import make_scheduler
 from .config import BenchmarkConfig, ModelSpec
 from .environment import machine_info, package_versions
-from .grid import Cell, expand_grid, initial_noise, resolve_classes, sample_generators, sample_labels, steps_for_nfe
+from .grid import (Cell, expand_grid, initial_noise, model_fingerprint, resolve_classes, sample_generators, sample_labels,
+                   steps_for_nfe)
 from .guidance import build_guidance
 from .probe import NetworkProbe
 from .report import write_report, write_results
@@ -68,7 +69,12 @@ class CellPlan:
 def resolve_device(name: str, shard: Shard) -> torch.device:
     if name == "auto":
         return shard.device
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: {name!r} is not a torch device; use auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} asked for, but this machine has no CUDA device; use auto or cpu")
     if device.type == "cuda" and device.index is None and shard.world_size > 1:
         return shard.device
     return device
@@ -120,7 +126,9 @@ def prepare(cfg: BenchmarkConfig, device: torch.device) -> list[CellPlan]:
             raise ConfigError(f"guidance[{j}] ({gspec.name!r}): {err}") from None
     by_label = {m.spec.display: m for m in models}
     plans = []
-    for cell in expand_grid(cfg, [m.classes for m in models]):
+    cells = expand_grid(cfg, [m.classes for m in models], [model_fingerprint(m.pipe.unet) for m in models],
+                        [tuple(metric.fingerprint() for metric in m.metrics) for m in models])
+    for cell in cells:
         key = (cell.model.display, cell.scheduler.display)
         n_steps = steps[(*key, cell.nfe)]
         sched = schedulers[key]

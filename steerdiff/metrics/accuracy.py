@@ -11,6 +11,11 @@ class ClassAccuracy(Metric):
     name = "class_accuracy"
     keys = ("class_accuracy",)
 
+    def fingerprint(self) -> str:
+        from .features import DigitsFeatures
+
+        return f"{self.name}:{DigitsFeatures().key()}"
+
     def check(self, sample_shape, denoiser=None) -> None:
         if tuple(sample_shape) != (1, 8, 8):
             raise ValueError(f"class_accuracy uses the digits classifier (1x8x8 images); this model makes {tuple(sample_shape)} samples")

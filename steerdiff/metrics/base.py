@@ -56,6 +56,11 @@ class Metric:
     name: ClassVar[str]
     keys: ClassVar[tuple[str, ...]]
 
+    def fingerprint(self) -> str:
+        """Identifies what the metric computes beyond its config (e.g. its feature network's weights), so that
+        stored results are re-scored when that changes."""
+        return self.name
+
     def check(self, sample_shape: tuple[int, ...], denoiser: Any = None) -> None:
         """Raise ``ValueError`` if this metric cannot score samples of this shape / from this denoiser."""
 

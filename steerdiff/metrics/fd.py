@@ -11,7 +11,7 @@ FD = ||mu_g - mu_r||^2 + tr(S_g) + tr(S_r) - 2 tr((S_g S_r)^{1/2})
 from __future__ import annotations
 
 from .base import Metric, SampleSet
-from .features import make_feature_space, reference_features
+from .features import make_feature_space, reference_features, reference_id
 from .frechet import feature_statistics, frechet_distance
 
 
@@ -25,6 +25,9 @@ class FrechetDistance(Metric):
     def __init__(self, features: str | None = None, reference: str = "digits", **feature_kwargs):
         self.space = make_feature_space(features or self.default_features, **feature_kwargs)
         self.reference = reference
+
+    def fingerprint(self) -> str:
+        return f"{self.name}:{self.space.key()}:{reference_id(self.reference)}"
 
     def check(self, sample_shape, denoiser=None) -> None:
         self.space.check(sample_shape)

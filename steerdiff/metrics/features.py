@@ -134,6 +134,14 @@ def make_feature_space(name: str = "digits", **kwargs) -> FeatureSpace:
     return cls(**kwargs)
 
 
+def reference_id(dataset: str) -> str:
+    """The id of a reference data set in cache names: its name, or a .npy file's stem and content hash."""
+    if dataset in REFERENCE_DATASETS:
+        return dataset
+    path = Path(dataset).expanduser()
+    return f"{path.stem}-{file_digest(str(path))}" if path.is_file() else str(path)
+
+
 def reference_images(dataset: str) -> tuple[torch.Tensor, str]:
     """Images (N, C, H, W) in [-1, 1] of a reference data set, and the data set's id for cache names."""
     if dataset == "digits":
@@ -149,7 +157,7 @@ def reference_images(dataset: str) -> tuple[torch.Tensor, str]:
     images = torch.from_numpy(np.load(path, allow_pickle=False)).float()
     if images.ndim != 4:
         raise ValueError(f"reference file {str(path)!r} must hold (N, C, H, W) images, got shape {tuple(images.shape)}")
-    return images, f"{path.stem}-{file_digest(str(path))}"
+    return images, reference_id(dataset)
 
 
 def reference_features(space: FeatureSpace, dataset: str = "digits", cache_dir: str | Path | None = None) -> torch.Tensor:

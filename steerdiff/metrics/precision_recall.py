@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .base import Metric, SampleSet
-from .features import make_feature_space, reference_features
+from .features import make_feature_space, reference_features, reference_id
 
 
 def _as_features(x, name: str) -> torch.Tensor:
@@ -73,6 +73,9 @@ class PrecisionRecall(Metric):
         self.k = int(k)
         self.space = make_feature_space(features, **feature_kwargs)
         self.reference = reference
+
+    def fingerprint(self) -> str:
+        return f"{self.name}:{self.space.key()}:{reference_id(self.reference)}"
 
     def check(self, sample_shape, denoiser=None) -> None:
         self.space.check(sample_shape)
