@@ -10,31 +10,21 @@ FD = ||mu_g - mu_r||^2 + tr(S_g) + tr(S_r) - 2 tr((S_g S_r)^{1/2})
 
 from __future__ import annotations
 
-from .base import Metric, SampleSet
-from .features import make_feature_space, reference_features, reference_id
+from .base import SampleSet
+from .features import FeatureMetric
 from .frechet import feature_statistics, frechet_distance
 
 
-class FrechetDistance(Metric):
+class FrechetDistance(FeatureMetric):
     """``fd``: Frechet distance in a feature space (default the digits classifier's) to a reference set."""
 
     name = "fd"
     keys = ("fd",)
-    default_features = "digits"
-
-    def __init__(self, features: str | None = None, reference: str = "digits", **feature_kwargs):
-        self.space = make_feature_space(features or self.default_features, **feature_kwargs)
-        self.reference = reference
-
-    def fingerprint(self) -> str:
-        return f"{self.name}:{self.space.key()}:{reference_id(self.reference)}"
-
-    def check(self, sample_shape, denoiser=None) -> None:
-        self.space.check(sample_shape)
 
     def __call__(self, samples: SampleSet) -> dict[str, float]:
-        mu_r, s_r = feature_statistics(reference_features(self.space, self.reference, samples.cache_dir))
-        mu_g, s_g = feature_statistics(samples.features(self.space))
+        real, fake = self.features(samples)
+        mu_r, s_r = feature_statistics(real)
+        mu_g, s_g = feature_statistics(fake)
         return {self.keys[0]: frechet_distance(mu_g, s_g, mu_r, s_r)}
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..atomic_io import atomic_write
+from .base import Metric, SampleSet
 
 REFERENCE_DATASETS = ("digits",)
 """Built-in reference data sets; a path to a ``.npy`` file of (N, C, H, W) images in [-1, 1] works too."""
@@ -176,3 +177,23 @@ def reference_features(space: FeatureSpace, dataset: str = "digits", cache_dir: 
 
     atomic_write(path, write)
     return features
+
+
+class FeatureMetric(Metric):
+    """Base of metrics that compare the samples' features with a reference data set's in one feature space."""
+
+    default_features = "digits"
+
+    def __init__(self, features: str | None = None, reference: str = "digits", **feature_kwargs):
+        self.space = make_feature_space(features or self.default_features, **feature_kwargs)
+        self.reference = reference
+
+    def fingerprint(self) -> str:
+        return f"{self.name}:{self.space.key()}:{reference_id(self.reference)}"
+
+    def check(self, sample_shape, denoiser=None) -> None:
+        self.space.check(sample_shape)
+
+    def features(self, samples: SampleSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference features, sample features), float64."""
+        return reference_features(self.space, self.reference, samples.cache_dir), samples.features(self.space)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Metric, SampleSet
-from .features import make_feature_space, reference_features, reference_id
+from .base import SampleSet
+from .features import FeatureMetric
 
 
 def _as_features(x, name: str) -> torch.Tensor:
@@ -60,27 +60,20 @@ def precision_recall(real_features, fake_features, k: int = 3) -> tuple[float, f
     return float(precision), float(recall)
 
 
-class PrecisionRecall(Metric):
+class PrecisionRecall(FeatureMetric):
     """``precision`` and ``recall`` (k nearest neighbours) of the samples against a reference data set, in a
     feature space (default: the digits classifier's, as for ``fd``)."""
 
     name = "precision_recall"
     keys = ("precision", "recall")
 
-    def __init__(self, k: int = 3, features: str = "digits", reference: str = "digits", **feature_kwargs):
+    def __init__(self, k: int = 3, features: str | None = None, reference: str = "digits", **feature_kwargs):
         if int(k) < 1:
             raise ValueError(f"precision_recall: k must be >= 1, got {k}")
         self.k = int(k)
-        self.space = make_feature_space(features, **feature_kwargs)
-        self.reference = reference
-
-    def fingerprint(self) -> str:
-        return f"{self.name}:{self.space.key()}:{reference_id(self.reference)}"
-
-    def check(self, sample_shape, denoiser=None) -> None:
-        self.space.check(sample_shape)
+        super().__init__(features, reference, **feature_kwargs)
 
     def __call__(self, samples: SampleSet) -> dict[str, float]:
-        real = reference_features(self.space, self.reference, samples.cache_dir)
-        precision, recall = precision_recall(real, samples.features(self.space), self.k)
+        real, fake = self.features(samples)
+        precision, recall = precision_recall(real, fake, self.k)
         return {"precision": precision, "recall": recall}
