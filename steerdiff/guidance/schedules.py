@@ -51,12 +51,14 @@ _CHECK_GRID = torch.linspace(0.0, 1.0, 1025, dtype=torch.float64)
 class WeightSchedule:
     """A guidance weight w(s) in diffusers' convention; ``schedule(progress)`` maps float64 s to float64 w.
 
-    Subclasses define :meth:`shape` (the paper's f) or override :meth:`__call__`.  Construction evaluates the
-    schedule on a dense grid of s in [0, 1] and refuses NaN/Inf or negative weights.
+    Subclasses define :meth:`shape` (the paper's f) or override :meth:`__call__`, and set their own parameters
+    before calling ``super().__init__(w0)``, which evaluates the schedule on a dense grid of s in [0, 1] and
+    refuses NaN/Inf or negative weights (rules check again when they are given a schedule).
     """
 
     def __init__(self, w0: float):
         self.w0 = check_scalar(w0, f"{type(self).__name__} w0", low=0.0)
+        self._validate()
 
     def shape(self, s: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -85,20 +87,12 @@ class WeightSchedule:
 class Constant(WeightSchedule):
     """w = w0 at every noise level (static CFG)."""
 
-    def __init__(self, w0: float):
-        super().__init__(w0)
-        self._validate()
-
     def shape(self, s):
         return torch.ones_like(s)
 
 
 class Linear(WeightSchedule):
     """Linear, increasing as the noise falls: f(s) = 2 (1 - s)."""
-
-    def __init__(self, w0: float):
-        super().__init__(w0)
-        self._validate()
 
     def shape(self, s):
         return 2.0 * (1.0 - s)
@@ -107,20 +101,12 @@ class Linear(WeightSchedule):
 class Cosine(WeightSchedule):
     """Cosine, increasing as the noise falls: f(s) = 1 + cos(pi s)."""
 
-    def __init__(self, w0: float):
-        super().__init__(w0)
-        self._validate()
-
     def shape(self, s):
         return 1.0 + torch.cos(math.pi * s)
 
 
 class InverseLinear(WeightSchedule):
     """Inverse linear, decreasing as the noise falls: f(s) = 2 s."""
-
-    def __init__(self, w0: float):
-        super().__init__(w0)
-        self._validate()
 
     def shape(self, s):
         return 2.0 * s
@@ -129,10 +115,6 @@ class InverseLinear(WeightSchedule):
 class Sine(WeightSchedule):
     """Sine, decreasing as the noise falls: f(s) = sin(pi s - pi/2) + 1."""
 
-    def __init__(self, w0: float):
-        super().__init__(w0)
-        self._validate()
-
     def shape(self, s):
         return torch.sin(math.pi * s - math.pi / 2) + 1.0
 
@@ -140,20 +122,12 @@ class Sine(WeightSchedule):
 class VShape(WeightSchedule):
     """V-shape: inverse-linear down to 0 at s = 1/2, then linear back up: f(s) = 2 |2 s - 1|."""
 
-    def __init__(self, w0: float):
-        super().__init__(w0)
-        self._validate()
-
     def shape(self, s):
         return 2.0 * (2.0 * s - 1.0).abs()
 
 
 class LambdaShape(WeightSchedule):
     """Lambda-shape: linear up to 2 at s = 1/2, then inverse-linear back down: f(s) = 2 (1 - |2 s - 1|)."""
-
-    def __init__(self, w0: float):
-        super().__init__(w0)
-        self._validate()
 
     def shape(self, s):
         return 2.0 * (1.0 - (2.0 * s - 1.0).abs())
@@ -164,9 +138,8 @@ class PowerCosine(WeightSchedule):
     w = w0 at the clean end; larger ``p`` keeps the weight low for longer."""
 
     def __init__(self, w0: float, p: float = 1.0):
-        super().__init__(w0)
         self.p = check_scalar(p, "PowerCosine p", low=0.0, low_open=True)
-        self._validate()
+        super().__init__(w0)
 
     def shape(self, s):
         return (1.0 - torch.cos(math.pi * (1.0 - s) ** self.p)) / 2.0
@@ -179,9 +152,8 @@ class _Clamped(WeightSchedule):
     base: type[WeightSchedule]
 
     def __init__(self, w0: float, c: float = 2.0):
-        super().__init__(w0)
         self.c = check_scalar(c, f"{type(self).__name__} c", low=0.0)
-        self._validate()
+        super().__init__(w0)
 
     def shape(self, s):
         return self.base.shape(self, s)

@@ -1,0 +1,96 @@
+"""Wall time of a pipeline call under ``guide(pipe, CFG(w))`` against the pipeline's own CFG.
+
+Target (issue 5): ratio <= 1.03.  The pipeline is the tiny random Stable Diffusion 1.5-shaped pipeline of the
+test suite (tests/tiny_pipelines.py, built offline), where the denoiser is cheap, so the hook's fixed per-step
+cost weighs as much as it ever will.  The two kinds of call alternate (own, guided, own, guided, ...) so that
+drifts in machine load hit both alike; the hook is installed and removed outside the timed region.  The
+guided and own images are checked to be identical.
+
+    python benchmarks/hook_overhead.py                       # CPU
+    python benchmarks/hook_overhead.py --device cuda --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from tiny_pipelines import tiny_sd_pipeline  # noqa: E402
+
+from steerdiff.guidance import CFG  # noqa: E402
+from steerdiff.pipelines import guide  # noqa: E402
+
+
+def timed_call(pipe, kwargs, device: torch.device) -> tuple[float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    images = pipe(**kwargs, generator=torch.Generator(device="cpu").manual_seed(0)).images
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, images
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=2, help="prompts per call")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls of each kind")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
+    parser.add_argument("--scale", type=float, default=7.5)
+    parser.add_argument("--no-check-finite", action="store_true", help="run the hook without its NaN/Inf check")
+    args = parser.parse_args(argv)
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    pipe = tiny_sd_pipeline().to(device)
+    kwargs = dict(
+        prompt=[f"a photo of thing {i}" for i in range(args.batch)], num_inference_steps=args.steps,
+        guidance_scale=args.scale, output_type="np",
+    )
+    rule = CFG(args.scale)
+
+    def guided():
+        with guide(pipe, rule, check_finite=not args.no_check_finite):
+            return timed_call(pipe, kwargs, device)
+
+    for _ in range(args.warmup):
+        timed_call(pipe, kwargs, device)
+        guided()
+    own_times, guided_times = [], []
+    for _ in range(args.repeats):
+        t_own, own_images = timed_call(pipe, kwargs, device)
+        t_guided, guided_images = guided()
+        own_times.append(t_own)
+        guided_times.append(t_guided)
+    identical = bool((own_images == guided_images).all())
+
+    pair_ratios = sorted(g / o for g, o in zip(guided_times, own_times))
+    q = statistics.quantiles(pair_ratios, n=4)
+    own_median, guided_median = statistics.median(own_times), statistics.median(guided_times)
+    ratio = guided_median / own_median
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)"
+    print(f"device: {name}; tiny SD pipeline, {args.batch} prompts, {args.steps} steps, w = {args.scale}, "
+          f"{args.repeats} timed calls each (after {args.warmup} warm-up)")
+    print(f"own CFG:            median {own_median * 1e3:8.2f} ms  (min {min(own_times) * 1e3:.2f})")
+    print(f"guide(pipe, CFG):   median {guided_median * 1e3:8.2f} ms  (min {min(guided_times) * 1e3:.2f})")
+    print(f"ratio of medians:   {ratio:.4f}   (per-pair ratios: median {statistics.median(pair_ratios):.4f}, "
+          f"quartiles {q[0]:.4f} .. {q[2]:.4f}); ratio of minima {min(guided_times) / min(own_times):.4f}")
+    print(f"images identical:   {identical}")
+    print(f"target <= 1.03:     {'met' if ratio <= 1.03 else 'NOT met'}")
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
