@@ -249,10 +249,9 @@ class GuidanceHook:
             state = state.replace(evaluated=need)
             self.network_evaluations += half + k
         self.network_calls += 1
-        if self.check_finite:
-            check_finite(prediction, "the network output", self._step)
         guided = self.rule(cond[:, channels], uncond[:, channels], state)
-        if self.check_finite:
+        if self.check_finite and not bool(torch.isfinite(prediction).all() & torch.isfinite(guided).all()):
+            check_finite(prediction, "the network output", self._step)
             check_finite(guided, f"the guided prediction of {self.rule!r}", self._step)
         if self.layout.guided_channels is not None:
             guided = torch.cat([guided, cond[:, self.layout.guided_channels :]], dim=1)
