@@ -30,7 +30,6 @@ import torch
 
 from ..core.prediction import check_prediction_type, convert_prediction
 from ..core.schedule import NoiseSchedule
-from ..core.tensors import expand_to
 
 UncondMask = torch.Tensor | bool | None
 """What :meth:`GuidanceRule.uncond_needed` returns: None or True (every sample), False (none), or a bool
