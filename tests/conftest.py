@@ -38,11 +38,3 @@ def tiny_model_dir(tmp_path, tiny_pipe):
     tiny_pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
-
-def pytest_configure(config):
-    # Under pytest-xdist every worker is its own process: two workers x torch's default of one thread per core
-    # oversubscribe a 2-core machine, and small ops then spin-wait on each other (tens of times slower).
-    import os
-
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        torch.set_num_threads(1)
