@@ -37,4 +37,3 @@ def tiny_model_dir(tmp_path, tiny_pipe):
     folder = tmp_path / "tiny"
     tiny_pipe.save_pretrained(folder, safe_serialization=True)
     return folder
-
