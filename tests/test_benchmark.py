@@ -99,6 +99,23 @@ def test_grid_counts_calls_records_and_reports(tmp_path, tiny_model_dir):
     assert chunk.labels.tolist() == [1, 2]  # sample i has class i mod 3
 
 
+def test_named_guidance_rules_run_through_the_hook(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, nfe=[4], guidance=[
+        {"scale": 3},
+        {"name": "cfg", "scale": {"schedule": "constant", "w0": 3}},  # steerdiff's CFG rule through guide()
+        {"name": "adaptive", "kwargs": {"rule": {"name": "cfg", "scale": 3}, "threshold": -1.0}},
+    ])
+    builtin, hooked, adaptive = run_benchmark(cfg)
+    assert hooked["guidance"] == "cfg constant(w0=3)" and adaptive["status"] == "ok"
+    folder = RunFolder(tmp_path / "run")
+    for k in range(2):
+        torch.testing.assert_close(folder.load_chunk(hooked["cell_id"], k).samples,
+                                   folder.load_chunk(builtin["cell_id"], k).samples, atol=1e-5, rtol=0)
+    assert builtin["network_calls"]["evaluations_per_sample"] == hooked["network_calls"]["evaluations_per_sample"] == 8
+    # threshold -1: every sample stops guiding after the first evaluation, so the unconditional half runs once
+    assert adaptive["network_calls"]["evaluations_per_sample"] == 4 + 1 and adaptive["nfe_measured"] == 4
+
+
 def test_diverging_cell_is_recorded_with_its_step(tmp_path):
     cfg = _config(tmp_path, "mixture", schedulers=["ddim"], guidance=[{"scale": 1}, {"scale": 1e10}], nfe=[5])
     ok, diverged = run_benchmark(cfg)
@@ -157,7 +174,9 @@ def test_new_metrics_rescore_stored_samples_without_sampling(tmp_path, tiny_mode
         ("models=[{model: MODEL, metrics: [log_likelihood]}]", "needs a model with an exact density"),
         ("classes=12", "classes: models[0] ('MODEL') has 3 classes (ids 0..2); the config asks for 12"),
         ("classes=[0, 5]", "has 3 classes (ids 0..2); the config asks for [5]"),
-        ("guidance=[{name: apg, scale: 3}]", "guidance[0] ('apg'): unknown guidance rule 'apg'; available: cfg"),
+        ("guidance=[{name: apgx, scale: 3}]", "guidance[0] ('apgx'): unknown guidance rule 'apgx'; available: cfg, apg,"),
+        ("guidance=[{name: apg, scale: 3, kwargs: {mom: 1}}]", "guidance[0] ('apg'): rule 'apg' has no option(s) ['mom']"),
+        ("guidance=[{scale: -2}]", "guidance.0: Value error, scale must be >= 0, got -2.0"),
         ("nfe=[0]", "nfe.0: Input should be greater than or equal to 1"),
         ("nfe=[3, 3]", "nfe lists a value twice"),
         ("schedulers=[ddim, ddim]", "schedulers: entries ['ddim'] appear twice"),

@@ -80,3 +80,17 @@ def test_log_likelihood_metric_needs_an_exact_density(tiny_pipe):
         MixtureLogLikelihood().check((1, 8, 8), tiny_pipe.unet)
     with pytest.raises(ValueError, match="NaN or Inf"):
         mixture_log_likelihood(_two_class_mixture()[0], torch.full((1, 1, 2, 2), float("nan")), torch.tensor([0]))
+
+
+def test_rule_model_fn_equals_the_pipeline_cfg_combination():
+    from steerdiff.benchmark.guidance import RuleGuidance
+    from steerdiff.guidance import get_rule
+
+    mix, *_ = _two_class_mixture()
+    schedule = NoiseSchedule.from_alphas_cumprod(mix.alphas_cumprod)
+    labels = torch.tensor([0, 1, 1])
+    x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    t = torch.tensor([500, 500, 500])
+    rule = RuleGuidance(get_rule("cfg", scale={"schedule": "constant", "w0": 4.0})).model_fn(mix, labels, schedule)
+    builtin = ClassifierFreeGuidance(4.0).model_fn(mix, labels)
+    torch.testing.assert_close(rule(x, t), builtin(x, t), rtol=1e-12, atol=1e-12)

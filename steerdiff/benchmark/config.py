@@ -8,9 +8,11 @@
     schedulers:                            # any make_scheduler name (alias, diffusers or steerdiff class)
       - {name: ddim}
       - {name: dpmpp_2m, kwargs: {lower_order_final: true}, label: dpm++2m}
-    guidance:                              # for now the pipeline's CFG: g = u + scale (c - u)
+    guidance:                              # cfg + number: the pipeline's CFG, g = u + scale (c - u)
       - {name: cfg, scale: 1}
       - {name: cfg, scale: 5}
+      - {name: apg, scale: 9, kwargs: {momentum: -0.5}}          # any steerdiff.guidance rule, via guide()
+      - {name: cfg, scale: {schedule: linear, w0: 5}, label: cfg linear 5}
     nfe: [5, 10, 20]                       # denoiser evaluations per sample (a CFG batch counts once)
     seeds: [0]                             # sample i of a cell uses seed + i: same noise in every cell
     num_samples: 1000
@@ -61,15 +63,33 @@ class SchedulerSpec(NamedSpec):
 
 
 class GuidanceSpec(StrictModel):
+    """``{name: cfg, scale: w}`` is the pipeline's own CFG; any other rule of ``steerdiff.guidance`` is
+    ``{name, scale, kwargs}`` with its ``get_rule`` options (``scale`` may be a weight-schedule mapping)."""
+
     name: str = "cfg"
-    scale: float = Field(1.0, ge=0)
+    scale: float | dict[str, Any] | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
 
+    @model_validator(mode="after")
+    def _cfg_default_scale(self) -> "GuidanceSpec":
+        if self.name == "cfg" and self.scale is None:
+            self.scale = 1.0
+        if isinstance(self.scale, float) and not self.scale >= 0:
+            raise ValueError(f"scale must be >= 0, got {self.scale}")
+        return self
+
     @property
     def display(self) -> str:
+        if self.label:
+            return self.label
+        if isinstance(self.scale, dict):
+            sched = dict(self.scale)
+            scale = f" {sched.pop('schedule', '?')}({_compact(sched)})"
+        else:
+            scale = "" if self.scale is None else f" {self.scale:g}"
         extra = f" ({_compact(self.kwargs)})" if self.kwargs else ""
-        return self.label or f"{self.name} {self.scale:g}{extra}"
+        return f"{self.name}{scale}{extra}"
 
 
 class ModelSpec(StrictModel):

@@ -1,17 +1,26 @@
 """Guidance of a benchmark cell, built from its ``{name, scale, kwargs}`` entry.
 
-:func:`build_guidance` is the single place where a config's guidance entry becomes something a pipeline
-call and a reference solver can use.  Today it knows the pipeline's built-in classifier-free guidance
-(Ho & Salimans 2022, diffusers' convention g = u + w (c - u), w = ``scale``; w = 1 is plain conditional
-sampling with one network call per step).  Named rules from ``steerdiff.guidance`` are wired in here, and
-only here, through ``steerdiff.pipelines.guide(pipe, rule)``, once that package provides them; until then any
-other name is a config error that lists the available ones.
+:func:`build_guidance` is the single place where a config's guidance entry becomes something a pipeline call
+and a reference solver can use:
+
+- ``{name: cfg, scale: w}`` with a number w: the pipeline's own classifier-free guidance (Ho & Salimans 2022,
+  diffusers' convention g = u + w (c - u); w = 1 is plain conditional sampling, one network call per step);
+- any rule of :mod:`steerdiff.guidance` by name (``apg``, ``cfg_rescale``, ``cfg_zero_star``, ``interval``,
+  ``adaptive``, ``linear_ag``, or ``cfg`` with a weight schedule as its scale), built with
+  :func:`steerdiff.guidance.get_rule` from ``scale`` and ``kwargs`` and attached for each pipeline call with
+  :func:`steerdiff.pipelines.guide` (the hook's own NaN check is off: a diverging cell is recorded, not raised).
+
+Both expose the same interface: ``pipeline_call(pipe)`` (a context manager giving the call's keyword
+arguments, and afterwards the network evaluations it really ran when the rule skips some) and
+``model_fn(denoiser, labels, schedule, prediction_type)`` (the guided network for reference solutions).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,47 +28,94 @@ import torch
 from ..pipelines.class_conditional import null_class_id
 from .config import GuidanceSpec
 
-GUIDANCE_RULES = ("cfg",)
+
+@dataclass
+class PipelineCall:
+    """Keyword arguments of one pipeline call; ``evaluations`` is filled in after the call by guidance that
+    knows how many network rows really ran (a rule that skips unconditional rows), else left None."""
+
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    evaluations: int | None = None
+
+
+def _doubled(denoiser, labels: torch.Tensor):
+    both = torch.cat([torch.full_like(labels, null_class_id(denoiser)), labels])
+
+    def uncond_cond(x, t):
+        return denoiser(torch.cat([x, x]), torch.cat([t, t]), class_labels=both).sample.chunk(2)
+
+    return uncond_cond
 
 
 class ClassifierFreeGuidance:
-    """The pipeline's own CFG at scale w: the pipeline call gets ``guidance_scale=w``; the same combination of
-    the batched [unconditional, conditional] call serves reference solvers through :meth:`model_fn`."""
+    """The pipeline's own CFG at scale w (``guidance_scale=w``); :meth:`model_fn` forms the same combination of
+    the batched [unconditional, conditional] call."""
 
     def __init__(self, scale: float):
         if not scale >= 0:
             raise ValueError(f"guidance scale must be >= 0, got {scale}")
         self.scale = float(scale)
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": "cfg", "scale": self.scale}
-
     @contextmanager
-    def pipeline_call(self, pipe) -> Iterator[dict[str, Any]]:
-        """Keyword arguments for one pipeline call, with the rule active for its duration."""
-        yield {"guidance_scale": self.scale}
+    def pipeline_call(self, pipe) -> Iterator[PipelineCall]:
+        yield PipelineCall({"guidance_scale": self.scale})
 
-    def model_fn(self, denoiser, labels: torch.Tensor):
-        """``model_fn(x, t)``: the guided network output for ``labels``, as the pipeline computes it."""
+    def model_fn(self, denoiser, labels: torch.Tensor, schedule=None, prediction_type: str = "epsilon"):
         if self.scale == 1.0:
             return lambda x, t: denoiser(x, t, class_labels=labels).sample
-        both = torch.cat([torch.full_like(labels, null_class_id(denoiser)), labels])
+        uncond_cond = _doubled(denoiser, labels)
 
         def guided(x, t):
-            uncond, cond = denoiser(torch.cat([x, x]), torch.cat([t, t]), class_labels=both).sample.chunk(2)
+            uncond, cond = uncond_cond(x, t)
             return uncond + self.scale * (cond - uncond)
 
         return guided
 
 
-def build_guidance(spec: GuidanceSpec) -> ClassifierFreeGuidance:
-    """The guidance a cell samples with.
+class RuleGuidance:
+    """A :mod:`steerdiff.guidance` rule, attached to the pipeline with ``guide(pipe, rule)`` for each call."""
 
-    A named rule will come back with the same interface: ``pipeline_call(pipe)`` entering ``guide(pipe, rule)``
-    for the duration of a pipeline call, and ``model_fn`` applying the rule to the batched [uncond, cond]
-    outputs for reference solutions.  The rest of the harness only sees this interface."""
-    if spec.name == "cfg":
+    def __init__(self, rule):
+        self.rule = rule
+
+    @contextmanager
+    def pipeline_call(self, pipe) -> Iterator[PipelineCall]:
+        from ..pipelines.hooks import guide
+
+        call = PipelineCall({"guidance_scale": 2.0})  # the CFG branch must run; the rule alone sets the guidance
+        with guide(pipe, self.rule, check_finite=False) as hook:
+            yield call
+        call.evaluations = hook.network_evaluations
+
+    def model_fn(self, denoiser, labels: torch.Tensor, schedule, prediction_type: str = "epsilon"):
+        """The rule applied to every evaluation of a fresh run (both branches always computed; per-run state such
+        as APG's momentum then follows the reference solver's own steps)."""
+        from ..guidance.base import GuidanceState
+
+        rule = copy.deepcopy(self.rule)
+        rule.reset(None)
+        uncond_cond = _doubled(denoiser, labels)
+        step = 0
+
+        def guided(x, t):
+            nonlocal step
+            uncond, cond = uncond_cond(x, t)
+            out = rule(cond, uncond, GuidanceState(schedule, t, x, prediction_type, step))
+            step += 1
+            return out
+
+        return guided
+
+
+def build_guidance(spec: GuidanceSpec) -> ClassifierFreeGuidance | RuleGuidance:
+    """The guidance a cell samples with; errors name the rule and its allowed options."""
+    if spec.name == "cfg" and not isinstance(spec.scale, dict):
         if spec.kwargs:
-            raise ValueError(f"guidance 'cfg' takes only `scale`; got kwargs {sorted(spec.kwargs)}")
-        return ClassifierFreeGuidance(spec.scale)
-    raise ValueError(f"unknown guidance rule {spec.name!r}; available: {', '.join(GUIDANCE_RULES)}")
+            raise ValueError(f"guidance 'cfg' with a numeric scale is the pipeline's own CFG and takes no kwargs; got {sorted(spec.kwargs)}")
+        return ClassifierFreeGuidance(1.0 if spec.scale is None else spec.scale)
+    from ..guidance import get_rule
+
+    kwargs = dict(spec.kwargs)
+    if spec.scale is not None:
+        kwargs["scale"] = spec.scale
+    return RuleGuidance(get_rule(spec.name, **kwargs))

@@ -147,13 +147,15 @@ def generate_chunk(plan: CellPlan, start: int, stop: int, device: torch.device) 
     noise = initial_noise(cell.seed, start, stop, m.shape, generators)
     labels = sample_labels(m.classes, start, stop)
     m.pipe.scheduler = copy.deepcopy(plan.scheduler)
-    with NetworkProbe(m.pipe.unet) as probe, plan.guidance.pipeline_call(m.pipe) as call_kwargs:
-        t0 = time.perf_counter()
-        out = m.pipe(labels, num_inference_steps=plan.steps, generator=generators,
-                     latents=noise.to(device, m.dtype), output_type="latent", **call_kwargs).images
-        samples = out.to("cpu", torch.float32)
-        seconds = time.perf_counter() - t0
-    return Chunk(samples, labels, probe.calls, probe.rows, probe.first_nonfinite_call(), seconds)
+    with NetworkProbe(m.pipe.unet) as probe:
+        with plan.guidance.pipeline_call(m.pipe) as call:
+            t0 = time.perf_counter()
+            out = m.pipe(labels, num_inference_steps=plan.steps, generator=generators,
+                         latents=noise.to(device, m.dtype), output_type="latent", **call.kwargs).images
+            samples = out.to("cpu", torch.float32)
+            seconds = time.perf_counter() - t0
+    rows = call.evaluations if call.evaluations is not None else probe.rows
+    return Chunk(samples, labels, probe.calls, rows, probe.first_nonfinite_call(), seconds)
 
 
 def _base_record(plan: CellPlan, status: str, shard: Shard, device) -> dict:

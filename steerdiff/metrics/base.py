@@ -22,7 +22,7 @@ class SampleSet:
     ``samples``: (N, C, H, W) final samples in the model's space, before any clipping (float32, CPU);
     ``labels``: (N,) class ids; ``noise``: (N, C, H, W) the standard-normal initial noise they came from;
     ``denoiser``: the network (for metrics that need the model, e.g. the mixture's exact density);
-    ``guidance``: the cell's guidance, whose ``model_fn(denoiser, labels)`` is the guided network
+    ``guidance``: the cell's guidance, whose ``model_fn(denoiser, labels, schedule, prediction_type)`` is the guided network
     ``(x, t) -> output`` of ``prediction_type`` (for reference solutions); ``schedule``: the model's
     :class:`~steerdiff.core.NoiseSchedule`;
     ``cache_dir``: where reference statistics are cached; ``work_dir``: a folder for this run's caches;

@@ -69,7 +69,7 @@ class ReferenceL2(Metric):
         parts = []
         for start in range(0, samples.noise.shape[0], self.batch_size):
             labels = samples.labels[start : start + self.batch_size].to(device)
-            model_fn = samples.guidance.model_fn(network, labels)
+            model_fn = samples.guidance.model_fn(network, labels, samples.schedule, samples.prediction_type)
             noise = samples.noise[start : start + self.batch_size].to(device, torch.float64)
             parts.append(reference_solution(model_fn, noise, samples.schedule, self.steps, samples.prediction_type).cpu())
         ref = torch.cat(parts)
