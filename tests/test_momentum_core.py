@@ -32,26 +32,30 @@ def test_momentum_state_starts_at_first_value_and_resets():
     assert torch.equal(state.average(values[2]), values[2])
 
 
-def _by_hand(kind, order, beta, eps_seq):
-    """The digest's recurrences written out with the classical and beta-weighted AB weights."""
-    ab = {
-        1: lambda e, b: e[0],
-        2: lambda e, b: ((2 + b) * e[0] - (2 - b) * e[1]) / (2 * b),
-        3: lambda e, b: ((18 + 5 * b) * e[0] - (24 - 8 * b) * e[1] + (6 - b) * e[2]) / (12 * b),
-        4: lambda e, b: ((46 + 9 * b) * e[0] - (78 - 19 * b) * e[1] + (42 - 5 * b) * e[2] - (10 - b) * e[3]) / (24 * b),
-    }
-    hist, vel, out = [], None, []
-    for eps in eps_seq:
-        if kind == "hb":
-            hist.insert(0, eps)
-            prime = ab[min(order, len(hist))](hist, 1.0)
-            vel = prime if vel is None else (1 - beta) * vel + beta * prime
-            out.append(vel)
-        else:
-            vel = eps if vel is None else (1 - beta) * vel + beta * eps
-            hist.insert(0, vel)
-            out.append(ab[min(order, len(hist))](hist, beta))
-    return out
+# The digest's beta-weighted Adams-Bashforth mixer AB_r(e, b) / b over the newest-first history e, spelled out.
+DIGEST_AB = {
+    1: lambda e, b: e[0],
+    2: lambda e, b: ((2 + b) * e[0] - (2 - b) * e[1]) / (2 * b),
+    3: lambda e, b: ((18 + 5 * b) * e[0] - (24 - 8 * b) * e[1] + (6 - b) * e[2]) / (12 * b),
+    4: lambda e, b: ((46 + 9 * b) * e[0] - (78 - 19 * b) * e[1] + (42 - 5 * b) * e[2] - (10 - b) * e[3]) / (24 * b),
+}
+
+
+def digest_direction(kind, order, beta, history, velocity, eps):
+    """One step of the digest's recurrences, written independently of steerdiff: returns (update, velocity).
+
+    PLMS-r + HB ("hb"): prime = AB_r(eps history, 1); v = (1 - beta) v + beta prime; update = v.
+    GHVB ("ghvb"): v = (1 - beta) v + beta eps; push v; update = AB_r(v history, beta).  v starts at the first value.
+    ``history`` is a newest-first list, updated in place.
+    """
+    if kind == "hb":
+        history.insert(0, eps)
+        prime = DIGEST_AB[min(order, len(history))](history, 1.0)
+        velocity = prime if velocity is None else (1 - beta) * velocity + beta * prime
+        return velocity, velocity
+    velocity = eps if velocity is None else (1 - beta) * velocity + beta * eps
+    history.insert(0, velocity)
+    return DIGEST_AB[min(order, len(history))](history, beta), velocity
 
 
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
@@ -60,7 +64,9 @@ def test_directions_follow_the_paper(kind, direction, order):
     eps_seq = [torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) for k in range(6)]
     state = MomentumState(0.7, history_length=order)
     got = [direction(state, e, order) for e in eps_seq]
-    for g, want in zip(got, _by_hand(kind, order, 0.7, eps_seq)):
+    history, velocity = [], None
+    for g, eps in zip(got, eps_seq):
+        want, velocity = digest_direction(kind, order, 0.7, history, velocity, eps)
         assert torch.allclose(g, want, atol=1e-13)
     assert torch.equal(got[0], eps_seq[0])  # the first step is Euler (DDIM)
 

@@ -8,6 +8,7 @@ import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils import DummyObject
 from test_core import GaussianData
+from test_momentum_core import digest_direction
 
 from steerdiff.core import NoiseSchedule, sample_plms, to_eps, with_final
 from steerdiff.samplers import GHVBScheduler, HeavyBallDPMSolverScheduler, HeavyBallPLMSScheduler, make_scheduler
@@ -275,28 +276,14 @@ def test_heavy_ball_dpm_solver_matches_the_papers_construction(prediction_type, 
 
 
 def _by_hand(kind, order, beta, model, x, timesteps, schedule):
-    """PLMS+HB / GHVB in (x_bar, sigma_bar) written out from the digest, with the AB weights spelled out."""
-    ab = {
-        1: lambda e, b: e[0],
-        2: lambda e, b: ((2 + b) * e[0] - (2 - b) * e[1]) / (2 * b),
-        3: lambda e, b: ((18 + 5 * b) * e[0] - (24 - 8 * b) * e[1] + (6 - b) * e[2]) / (12 * b),
-        4: lambda e, b: ((46 + 9 * b) * e[0] - (78 - 19 * b) * e[1] + (42 - 5 * b) * e[2] - (10 - b) * e[3]) / (24 * b),
-    }
+    """PLMS+HB / GHVB in (x_bar, sigma_bar) written out from the digest (test_momentum_core.digest_direction)."""
     grid = with_final(timesteps)
-    hist, vel = [], None
+    history, velocity = [], None
     for t, t_next in zip(grid[:-1], grid[1:]):
         a, s = schedule.alpha_sigma(t)
         a_next, s_next = schedule.alpha_sigma(t_next)
         eps = to_eps(model(x, t.expand(x.shape[0])), x, a, s, model.prediction_type)
-        if kind == "hb":
-            hist.insert(0, eps)
-            prime = ab[min(order, len(hist))](hist, 1.0)
-            vel = prime if vel is None else (1 - beta) * vel + beta * prime
-            update = vel
-        else:
-            vel = eps if vel is None else (1 - beta) * vel + beta * eps
-            hist.insert(0, vel)
-            update = ab[min(order, len(hist))](hist, beta)
+        update, velocity = digest_direction(kind, order, beta, history, velocity, eps)
         x = a_next * (x / a + (s_next / a_next - s / a) * update)
     return x
 
@@ -402,6 +389,16 @@ def test_nonfinite_model_output_names_the_step(cls, bad):
                 sched.step(out, t, x)
         else:
             x = sched.step(out, t, x).prev_sample
+
+
+def test_large_finite_model_output_is_not_mistaken_for_nan():
+    """The eager check's fast path sums the output; a sum that overflows is re-checked entry by entry."""
+    sched = GHVBScheduler()
+    sched.set_timesteps(3)
+    x = torch.zeros(2, 4, 4, 4)
+    out = torch.full_like(x, 3e38)  # finite, but its float32 sum is inf
+    assert torch.isinf(out.sum())
+    sched.step(out, sched.timesteps[0], x)
 
 
 @pytest.mark.parametrize("cls", SCHEDULERS)
