@@ -12,6 +12,7 @@ from steerdiff.core.momentum import (
     order_and_beta,
     plms_hb_direction,
 )
+from steerdiff.core.stability import real_axis_stability_edge
 
 
 def test_heavy_ball_update():
@@ -94,25 +95,16 @@ def test_order_outside_1_to_4_is_rejected(bad):
 
 
 # -- stability on the linear test equation y' = lambda y ------------------------------------------------
-def stability_edge(direction, order, beta, z_max=8.0, resolution=1e-3, steps=4000):
-    """Empirical left edge of the stability interval on the negative real axis of z = h lambda.
-
-    Runs y_{n+1} = y_n + h * direction(lambda y_n) (h = 1, f = z y) for every z on a grid at once (each z is
-    one "sample": the state is per sample) and returns the z closest to 0 whose run blew up.
-    """
-    z = -torch.arange(1, int(z_max / resolution) + 1, dtype=torch.float64) * resolution
-    y = torch.ones_like(z)
-    state = MomentumState(beta, history_length=order)
-    for _ in range(steps):
-        y = y + direction(state, z * y, order)
-    unstable = ~(y.abs() < 10)  # NaN counts as blown up
-    return float(z[unstable.nonzero()[0, 0]]) if bool(unstable.any()) else float("-inf")
-
-
 @pytest.mark.parametrize("beta", [1.0, 0.8, 0.5])
 @pytest.mark.parametrize("order,edge_without_momentum", [(1, -2.0), (2, -1.0), (4, -0.3)])
 def test_heavy_ball_stability_edge_matches_formula(order, edge_without_momentum, beta):
-    """methods.md: Euler -2 -> -2 (2 - beta) / beta, AB2 -1 -> -(2 - beta) / beta, AB4 -0.3 -> -0.3 (2 - beta) / beta."""
+    """methods.md: Euler -2 -> -2 (2 - beta) / beta, AB2 -1 -> -(2 - beta) / beta, AB4 -0.3 -> -0.3 (2 - beta) / beta,
+    found by running PLMS-r + HB itself on y' = lambda y over a grid of z = h lambda (step 1e-3)."""
     expected = edge_without_momentum * (2 - beta) / beta
-    measured = stability_edge(plms_hb_direction, order, beta)
+    measured = real_axis_stability_edge(plms_hb_direction, order, beta)
     assert measured == pytest.approx(expected, rel=0.01, abs=2e-3), (measured, expected)
+
+
+def test_ghvb_stability_interval_grows_as_beta_falls():
+    edges = [real_axis_stability_edge(ghvb_direction, 2, beta) for beta in (1.0, 0.8, 0.5)]
+    assert edges[0] == pytest.approx(-1.0, abs=2e-3) and edges[0] > edges[1] > edges[2], edges

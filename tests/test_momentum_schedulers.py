@@ -226,6 +226,15 @@ def test_heavy_ball_dpm_solver_at_beta_1_is_diffusers_dpm_solver(prediction_type
     assert (got - expected).abs().max() < 1e-6
 
 
+def test_heavy_ball_dpm_solver_at_beta_1_matches_diffusers_with_zero_terminal_snr():
+    """rescale_betas_zero_snr (v-prediction, trailing spacing): both clamp alpha_T^2 to 2**-24."""
+    options = dict(SD_BETAS, prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
+    ref = DPMSolverMultistepScheduler(**options, algorithm_type="dpmsolver++", solver_type="midpoint")
+    model, x = GaussianData(NoiseSchedule.from_config(ref.config), "v_prediction"), x_T()
+    expected = run(ref, model, x, 8)
+    assert (run(HeavyBallDPMSolverScheduler(beta=1.0, **options), model, x, 8) - expected).abs().max() < 1e-6
+
+
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 @pytest.mark.parametrize("make", [
     lambda r: HeavyBallPLMSScheduler(order=r, beta=1.0, **SD_BETAS),
