@@ -3,6 +3,7 @@ beta = 1, the paper's recurrences at beta < 1, per-sample state, bad input and t
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
@@ -99,6 +100,15 @@ def test_save_and_load_round_trip(cls, tmp_path):
     assert public(loaded.config) == public(sched.config)
     model = gaussian("v_prediction")
     assert torch.equal(run(sched, model, x_T(), 6), run(loaded, model, x_T(), 6))
+
+
+@pytest.mark.parametrize("cls", SCHEDULERS)
+def test_trained_betas_survive_save_and_load(cls, tmp_path):
+    betas = np.linspace(1e-4, 0.03, 500)
+    sched = cls(num_train_timesteps=500, trained_betas=betas)
+    assert torch.equal(sched.alphas_cumprod, DDPMScheduler(num_train_timesteps=500, trained_betas=betas).alphas_cumprod)
+    sched.save_pretrained(tmp_path)
+    assert torch.equal(cls.from_pretrained(tmp_path).alphas_cumprod, sched.alphas_cumprod)
 
 
 def test_ghvb_momentum_number_survives_save_and_load(tmp_path):
