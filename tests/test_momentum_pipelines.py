@@ -20,17 +20,6 @@ PROMPTS = ["a red square", "two dogs", "a house by the sea", "night sky"]
 STEPS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These networks are too small to gain from intra-op threads, and under ``pytest -n 2`` on two cores two
-    workers with two threads each oversubscribe the CPU (measured: the class-conditional test 0.45 s with one
-    thread, 3-7 s with two, on this project's 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gens(seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
 
