@@ -47,3 +47,11 @@ def test_identical_statistics_give_zero():
     (mu, s), _ = _feature_sets(32, 200)
     assert frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-9)
     assert frechet_distance(mu, s, mu + torch.ones_like(mu), s) == pytest.approx(32.0, rel=1e-8)
+
+
+def test_singular_covariance_agrees_with_the_swapped_order():
+    # 20 samples in 50 dimensions: S1 is singular (no Cholesky factor), S2 is not; FD is symmetric in its arguments
+    g = torch.Generator().manual_seed(4)
+    mu1, s1 = feature_statistics(torch.randn(20, 50, generator=g, dtype=torch.float64))
+    mu2, s2 = feature_statistics(torch.randn(200, 50, generator=g, dtype=torch.float64) * 1.3)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(frechet_distance(mu2, s2, mu1, s1), rel=1e-6)
