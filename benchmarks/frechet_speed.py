@@ -37,13 +37,10 @@ def synthetic_features(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.T
     return a, b
 
 
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
 
 
 def main() -> None:
@@ -54,10 +51,15 @@ def main() -> None:
     args = parser.parse_args()
 
     a, b = synthetic_features(args.samples, args.dim, seed=0)
-    t_stats, ((mu1, s1), (mu2, s2)) = best_time(lambda: (feature_statistics(a), feature_statistics(b)), 1)
+    t_stats, ((mu1, s1), (mu2, s2)) = timed(lambda: (feature_statistics(a), feature_statistics(b)))
     n1, n2 = [x.numpy() for x in (mu1, s1)], [x.numpy() for x in (mu2, s2)]
-    t_ours, ours = best_time(lambda: frechet_distance(mu1, s1, mu2, s2), args.repeats)
-    t_ref, ref = best_time(lambda: textbook_fd(n1[0], n1[1], n2[0], n2[1]), args.repeats)
+    ours_times, ref_times = [], []
+    for _ in range(args.repeats):  # interleaved, so that load from other processes hits both alike
+        t, ours = timed(lambda: frechet_distance(mu1, s1, mu2, s2))
+        ours_times.append(t)
+        t, ref = timed(lambda: textbook_fd(n1[0], n1[1], n2[0], n2[1]))
+        ref_times.append(t)
+    t_ours, t_ref = min(ours_times), min(ref_times)
     print(f"features: {args.samples} x {args.dim} per set, float64; torch threads {torch.get_num_threads()}")
     print(f"feature_statistics (both sets): {t_stats:.2f} s")
     print(f"steerdiff frechet_distance:   FD = {ours:.10f}   {t_ours:.3f} s (best of {args.repeats})")
