@@ -1,0 +1,3 @@
+"""diffusers pipelines."""
+
+from .restoration import RestorationPipeline  # inverse problems (issue 6)
