@@ -6,9 +6,11 @@ import argparse
 import sys
 
 from . import generate
+from . import restore  # inverse problems (issue 6)
 from .config import ConfigError
 
 COMMANDS = (generate,)
+COMMANDS += (restore,)  # inverse problems (issue 6)
 
 
 def build_parser() -> argparse.ArgumentParser:
