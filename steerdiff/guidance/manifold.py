@@ -105,45 +105,48 @@ class RestorationMethod:
 
 
 @dataclass(frozen=True)
-class DPS(RestorationMethod):
+class ManifoldGradient(RestorationMethod):
+    """The shared part of MCG and DPS: a step size and its rule (see the module docstring), checked once."""
+
+    step_size: float = 1.0
+    step_size_rule: str = "norm"
+
+    uses_gradient = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "step_size", _check_step(self.step_size, self.step_size_rule))
+
+    def gradient_term(self, x, residual, restrict=None) -> torch.Tensor:
+        """zeta_i grad_{x_i} ||r_i||^2 (``restrict`` applied to the gradient first)."""
+        grad, norm = manifold_gradient(x, residual)
+        if restrict is not None:
+            grad = restrict(grad)
+        return gradient_step(grad, step_coefficients(self.step_size, self.step_size_rule, norm))
+
+
+class DPS(ManifoldGradient):
     """Diffusion posterior sampling: x_{i-1} = x' - zeta_i grad_{x_i} ||y - A x0_hat(x_i)||^2.
 
     Defaults follow the reference code: a step of 1.0 along grad ||r|| ("norm" rule); its inpainting setting is 0.5.
     """
 
-    step_size: float = 1.0
-    step_size_rule: str = "norm"
-
-    uses_gradient = True
     name = "dps"
 
-    def __post_init__(self):
-        object.__setattr__(self, "step_size", _check_step(self.step_size, self.step_size_rule))
-
     def update(self, x_next, x, residual, operator, noised_measurement):
-        grad, norm = manifold_gradient(x, residual)
-        return x_next - gradient_step(grad, step_coefficients(self.step_size, self.step_size_rule, norm))
+        return x_next - self.gradient_term(x, residual)
 
 
-@dataclass(frozen=True)
-class MCG(RestorationMethod):
+class MCG(ManifoldGradient):
     """Manifold-constrained gradient: the DPS step restricted to the null space of A, then the projection
-    onto the measurement noised to the next level.  Defaults: the reference code's 1.0 along grad ||r||."""
+    onto the measurement noised to the next level.  Defaults: the reference code's 1.0 along grad ||r||.
+    (The restriction does not change the result, since the projection replaces the measured part; it is kept
+    to follow eq. 14 of the paper.)"""
 
-    step_size: float = 1.0
-    step_size_rule: str = "norm"
-
-    uses_gradient = True
     uses_projection = True
     name = "mcg"
 
-    def __post_init__(self):
-        object.__setattr__(self, "step_size", _check_step(self.step_size, self.step_size_rule))
-
     def update(self, x_next, x, residual, operator, noised_measurement):
-        grad, norm = manifold_gradient(x, residual)
-        step = gradient_step(operator.null_part(grad), step_coefficients(self.step_size, self.step_size_rule, norm))
-        return operator.project(x_next - step, noised_measurement)
+        return operator.project(x_next - self.gradient_term(x, residual, operator.null_part), noised_measurement)
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,6 @@ def make_method(name: str, **kwargs) -> RestorationMethod:
 
 
 __all__ = [
-    "DPS", "MCG", "RESTORATION_METHODS", "STEP_SIZE_RULES", "ProjectionOnly", "RestorationMethod", "Unconditional",
+    "DPS", "MCG", "RESTORATION_METHODS", "STEP_SIZE_RULES", "ManifoldGradient", "ProjectionOnly", "RestorationMethod", "Unconditional",
     "gradient_step", "make_method", "manifold_gradient", "step_coefficients",
 ]

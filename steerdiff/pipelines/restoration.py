@@ -42,7 +42,7 @@ from ..core.tensors import batch_norm, expand_to
 from ..core.timesteps import check_num_steps, spaced_timesteps, with_final
 from ..guidance.manifold import RestorationMethod, Unconditional
 from ..guidance.operators import InverseProblem, LinearOperator
-from .class_conditional import OUTPUT_TYPES, null_class_id, sample_shape
+from .class_conditional import check_call_arguments, null_class_id, sample_shape
 
 SAMPLERS = ("ancestral", "scheduler")
 
@@ -178,12 +178,7 @@ class RestorationPipeline(DiffusionPipeline):
         method.check_operator(operator)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        if not guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        check_call_arguments(num_inference_steps, guidance_scale, output_type)
         dtype, device = self.unet.dtype, self.device
         y = measurement.to(device=device, dtype=dtype)
         batch = y.shape[0]
