@@ -1,6 +1,7 @@
 """How close do MCG, DPS and projection-only come to the exact posterior of a Gaussian-mixture prior?
 
-For each problem (box inpainting with sigma_y = 0; a random Gaussian matrix with sigma_y = 0.05) and each of
+For each problem (box inpainting with sigma_y = 0 and 0.05, extreme inpainting, a random Gaussian matrix with
+sigma_y = 0.05) and each of
 ``--measurements`` measurements y_j = A x0_j + n (x0_j drawn from the prior), every method restores
 ``--samples`` samples with the exact mixture denoiser and the ancestral DDPM sampler, and we compare with the
 closed-form posterior (:class:`steerdiff.testbeds.posterior.GaussianMixturePosterior`):
@@ -52,6 +53,7 @@ def problems(prior, seed=0):
     matrix = torch.randn(m, d, generator=g, dtype=torch.float64) / math.sqrt(m)
     return {
         "box inpainting, sigma_y=0": InverseProblem(Inpainting(box_mask(shape[1:])), 0.0),
+        "box inpainting, sigma_y=0.05": InverseProblem(Inpainting(box_mask(shape[1:])), 0.05),
         "extreme inpainting, sigma_y=0": InverseProblem(Inpainting(extreme_mask(shape[1:])), 0.0),
         "random 1/4-rank matrix, sigma_y=0.05": InverseProblem(MatrixOperator(matrix, shape), 0.05),
     }

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from conftest import tiny_class_unet
@@ -14,7 +14,7 @@ from steerdiff.core import NoiseSchedule, spaced_timesteps, to_x0
 from steerdiff.guidance import DPS, MCG, ProjectionOnly, Unconditional
 from steerdiff.guidance.manifold import make_method, step_coefficients
 from steerdiff.guidance.operators import (
-    GaussianBlur, Inpainting, SuperResolution, box_mask, random_mask,
+    Colorization, GaussianBlur, Inpainting, SuperResolution, box_mask, random_mask,
 )
 from steerdiff.pipelines import RestorationPipeline
 from steerdiff.pipelines.class_conditional import ClassConditionalPipeline
@@ -152,7 +152,8 @@ def test_scheduler_sampler_without_guidance_is_the_plain_pipeline(tiny64, schedu
     assert torch.allclose(got, ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("scheduler", [None, DDIMScheduler, EulerDiscreteScheduler], ids=["ancestral", "ddim", "euler"])
+@pytest.mark.parametrize("scheduler", [None, DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler],
+                         ids=["ancestral", "ddim", "euler", "dpmpp"])
 def test_mcg_restorations_keep_exact_measurements(tiny64, scheduler):
     """sigma_y = 0: the last projection is onto y itself, so measured pixels equal y (VP and x / alpha states)."""
     op = Inpainting(random_mask((8, 8), 0.5, generator=gens(0, 1)))
@@ -162,6 +163,19 @@ def test_mcg_restorations_keep_exact_measurements(tiny64, scheduler):
         y, op, num_inference_steps=4, sampler="ancestral" if scheduler is None else "scheduler",
         generator=gens(3, 4), output_type="latent").images
     assert torch.allclose(op.forward(x), y, atol=1e-12)
+
+
+def test_colorization_on_an_rgb_model():
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval().to(F64)
+    op = Colorization()
+    y = op.forward(torch.rand(2, 3, 8, 8, generator=gens(0)[0], dtype=F64) * 2 - 1)
+    x = pipeline(unet, DDPMScheduler(), MCG(0.5))(y, op, num_inference_steps=3, generator=gens(1, 2), output_type="latent").images
+    assert x.shape == (2, 3, 8, 8) and torch.allclose(op.forward(x), y, atol=1e-12)
+    with pytest.raises(ValueError, match="Colorization needs an RGB model"):
+        pipeline(tiny_class_unet().to(F64), DDPMScheduler(), DPS())(torch.zeros(1, 1, 8, 8, dtype=F64), op)
 
 
 @pytest.mark.parametrize("method", [DPS(0.5), MCG(0.5)], ids=["dps", "mcg"])
