@@ -83,6 +83,22 @@ def test_restore_run_writes_results_and_resumes(tmp_path, tiny_model_dir, image_
     assert "wrote" in capsys.readouterr().out
 
 
+def test_per_task_methods_and_plain_sampling_run_once(tmp_path, tiny_model_dir, image_folder):
+    out = tmp_path / "out"
+    tasks = [{"name": "box", "operator": {"name": "box"}, "methods": [{"name": "dps", "step_size": 0.25}, {"name": "unconditional"}]},
+             {"name": "sr", "operator": {"name": "super_resolution"}, "sigma_y": 0.05}]
+    cfg = write_config(tmp_path, model=str(tiny_model_dir), data={"source": str(image_folder)}, output_dir=str(out),
+                       tasks=tasks, methods=[{"name": "dps"}, {"name": "unconditional"}])
+    assert main(["restore", "--config", str(cfg)]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["method"]) for r in records] == [("box", "dps 0.25"), ("box", "unconditional"),
+                                                          ("sr", "dps 1"), ("sr", "unconditional")]
+    from safetensors.torch import load_file
+
+    plain = [load_file(str(out / t / "unconditional.safetensors"))["restored"] for t in ("box", "sr")]
+    assert torch.equal(plain[0], plain[1]) and records[1]["wall_s"] == records[3]["wall_s"]  # computed once
+
+
 def test_results_do_not_depend_on_batch_size(tmp_path, tiny_model_dir, image_folder):
     runs = []
     for bs in (5, 2):

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 from pydantic import Field, model_validator
+from safetensors.torch import load_file, save_file
 
 from ..guidance.manifold import RestorationMethod, make_method
 from ..guidance.operators import (
@@ -64,12 +65,6 @@ class OperatorSpec(StrictModel):
     padding: Literal["circular", "zeros"] = "circular"  # blur
 
 
-class TaskSpec(StrictModel):
-    name: str
-    operator: OperatorSpec
-    sigma_y: float = Field(0.0, ge=0)
-
-
 class MethodSpec(StrictModel):
     name: Literal["mcg", "dps", "projection", "unconditional"]
     step_size: float = Field(1.0, ge=0)  # mcg / dps
@@ -86,6 +81,13 @@ class MethodSpec(StrictModel):
         if self.name in ("mcg", "dps"):
             return make_method(self.name, step_size=self.step_size, step_size_rule=self.step_size_rule)
         return make_method(self.name)
+
+
+class TaskSpec(StrictModel):
+    name: str
+    operator: OperatorSpec
+    sigma_y: float = Field(0.0, ge=0)
+    methods: list[MethodSpec] | None = None  # overrides the run's methods for this task
 
 
 class SamplerSpec(StrictModel):
@@ -119,9 +121,14 @@ class RestoreConfig(StrictModel):
     output_dir: str = "outputs/restore/digits"
     resume: bool = True
 
+    def task_methods(self, task: TaskSpec) -> list[MethodSpec]:
+        return task.methods if task.methods is not None else self.methods
+
     @model_validator(mode="after")
     def _unique_names(self):
-        for what, names in (("task", [t.name for t in self.tasks]), ("method", [m.display for m in self.methods])):
+        groups = [("task", [t.name for t in self.tasks])] + [
+            ("method", [m.display for m in self.task_methods(t)]) for t in self.tasks]
+        for what, names in groups:
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ValueError(f"{what} names must be unique; repeated: {dup} (set a distinct name/label)")
@@ -259,9 +266,11 @@ class Scorer:
 
 # -- the run ---------------------------------------------------------------------------------------------------------
 def fingerprint(cfg: RestoreConfig, task: TaskSpec, method: MethodSpec) -> str:
-    """Hash of everything that determines a cell's restorations."""
+    """Hash of everything that determines a cell's restorations (plain sampling ignores the task)."""
     keys = cfg.model_dump(include={"model", "data", "sampler", "use_labels", "guidance_scale", "seed", "dtype"})
-    keys.update(task=task.model_dump(exclude={"name"}), method=method.model_dump(exclude={"label"}))
+    keys.update(method=method.model_dump(exclude={"label"}))
+    if method.name != "unconditional":
+        keys.update(task=task.model_dump(exclude={"name", "methods"}))
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -330,6 +339,7 @@ def run(cfg: RestoreConfig) -> list[dict[str, Any]]:
     if cfg.resume and jsonl.is_file():
         done = {r["fingerprint"]: r for r in map(json.loads, jsonl.read_text().splitlines()) if r.get("fingerprint")}
     records: list[dict[str, Any]] = []
+    computed: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}  # this run's restorations by fingerprint
     originals_fd = scorer.fd(images) if "fd" in cfg.metrics else None
 
     def flush():
@@ -345,7 +355,7 @@ def run(cfg: RestoreConfig) -> list[dict[str, Any]]:
         k = min(cfg.grid_images, images.shape[0])
         shown = display(batch_operator(task.operator, masks, slice(0, k)), y[:k], shape).to("cpu", torch.float32)
         rows = [images[:k], shown]
-        for method in cfg.methods:
+        for method in cfg.task_methods(task):
             fp = fingerprint(cfg, task, method)
             record = {"task": task.name, "sigma_y": task.sigma_y, "method": method.display, "fingerprint": fp,
                       "num_images": images.shape[0], "sampler": cfg.sampler.name, "steps": cfg.sampler.steps}
@@ -355,20 +365,20 @@ def run(cfg: RestoreConfig) -> list[dict[str, Any]]:
                 flush()
                 continue
             tensor_file = out_dir / slug(task.name) / f"{slug(method.display)}.safetensors"
-            if fp in done and tensor_file.is_file():
-                from safetensors.torch import load_file
-
+            if fp in computed:  # plain sampling, already run for another task
+                restored, result = computed[fp]
+            elif fp in done and tensor_file.is_file():
                 restored = load_file(str(tensor_file))["restored"]
-                record.update({k: v for k, v in done[fp].items() if k not in record})
+                result = {key: v for key, v in done[fp].items() if key not in record}
             else:
-                from safetensors.torch import save_file
-
-                restored, cost = restore_all(pipe, cfg, task, method, y, labels, masks)
-                atomic_write(tensor_file, lambda tmp: save_file({"restored": restored.contiguous()}, str(tmp)))
-                record.update(cost)
-                record.update(scorer(restored))
+                restored, result = restore_all(pipe, cfg, task, method, y, labels, masks)
+                result.update(scorer(restored))
                 if originals_fd is not None:
-                    record["fd_originals"] = originals_fd
+                    result["fd_originals"] = originals_fd
+            if not tensor_file.is_file() or fp not in done:
+                atomic_write(tensor_file, lambda tmp: save_file({"restored": restored.contiguous()}, str(tmp)))
+            computed[fp] = restored, result
+            record.update(result)
             records.append(record)
             rows.append(restored[:k])
             flush()
