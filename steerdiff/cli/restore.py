@@ -116,6 +116,7 @@ class RestoreConfig(StrictModel):
     batch_size: int = Field(200, ge=1)
     device: str = "cpu"
     dtype: Literal["float32", "float64"] = "float32"
+    num_threads: int | None = Field(None, ge=1)  # torch intra-op threads (None = torch's default)
     grid_images: int = Field(8, ge=1)
     upscale: int = Field(4, ge=1, le=64)
     output_dir: str = "outputs/restore/digits"
@@ -317,6 +318,8 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
 
 
 def run(cfg: RestoreConfig) -> list[dict[str, Any]]:
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
     base = load_pipeline(cfg.model, device=cfg.device, dtype=DTYPES[cfg.dtype])
     scheduler = base.scheduler
     if cfg.sampler.name != "ancestral":

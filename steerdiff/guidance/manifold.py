@@ -21,7 +21,7 @@ Step sizes zeta_i (``step_size_rule``), made explicit because papers and referen
 
     "norm"      zeta_i = step_size / (2 ||r_i||): a step of ``step_size`` along grad ||r_i|| (the unsquared
                 norm).  This is what both reference implementations do (DPS: ``scale`` 0.5 for inpainting,
-                1.0 otherwise; MCG: 1.0 for inpainting), except that they take ||r|| over the *whole batch*,
+                1.0 otherwise; MCG: 1.0 for inpainting, 0.1 in its colorization and CT scripts), except that they take ||r|| over the *whole batch*,
                 which couples the samples of a batch; here it is per sample.
     "residual"  zeta_i = step_size / ||r_i||: the DPS paper's zeta_i = zeta' / ||y - A x0_hat|| on the
                 squared norm (so "residual" with step_size s equals "norm" with step_size 2 s).
