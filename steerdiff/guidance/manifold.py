@@ -21,15 +21,17 @@ Step sizes zeta_i (``step_size_rule``), made explicit because papers and referen
 
     "norm"      zeta_i = step_size / (2 ||r_i||): a step of ``step_size`` along grad ||r_i|| (the unsquared
                 norm).  This is what both reference implementations do (DPS: ``scale`` 0.5 for inpainting,
-                1.0 otherwise; MCG: 1.0 for inpainting, 0.1 in its colorization and CT scripts), except that they take ||r|| over the *whole batch*,
-                which couples the samples of a batch; here it is per sample.
+                1.0 otherwise; MCG: 1.0 for inpainting, 0.1 in its colorization and CT scripts), except
+                that they take ||r|| over the *whole batch*, which couples the samples of a batch; here it
+                is per sample.
     "residual"  zeta_i = step_size / ||r_i||: the DPS paper's zeta_i = zeta' / ||y - A x0_hat|| on the
                 squared norm (so "residual" with step_size s equals "norm" with step_size 2 s).
     "constant"  zeta_i = step_size: the MCG paper's fixed alpha on the squared norm.
 
 Pitfalls of the reference code avoided here: x0_hat is never clamped to [-1, 1] on the gradient path (a clamp
-zeroes the gradient wherever it is active); the projection is (1 - M) x + M y (not (1 - M) y - M x); and the
-measurement is noised to the level of x_{i-1}, not x_i.  With noisy measurements (sigma_y > 0) MCG's
+zeroes the gradient wherever it is active; both reference implementations clip); the projection is
+(1 - M) x + M y (DPS's generic operator writes (I - A^T A) y - A x); and the measurement is noised to the level
+of x_{i-1}, not x_i (both reference loops noise it to the level of x_i and project x_{i-1} onto it).  With noisy measurements (sigma_y > 0) MCG's
 projection forces x onto a noisy y, which is why DPS drops it.
 """
 
