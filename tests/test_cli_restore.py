@@ -10,7 +10,6 @@ import yaml
 from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from single_thread import one_thread  # noqa: F401  (autouse fixture)
 from steerdiff.cli import main
 from steerdiff.cli.config import ConfigError, load_config
 from steerdiff.cli.restore import RestoreConfig

@@ -9,7 +9,6 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from conftest import tiny_class_unet
-from single_thread import one_thread  # noqa: F401  (autouse fixture)
 from steerdiff.core import NoiseSchedule, spaced_timesteps, to_x0
 from steerdiff.guidance import DPS, MCG, ProjectionOnly, Unconditional
 from steerdiff.guidance.manifold import make_method, step_coefficients

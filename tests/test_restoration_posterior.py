@@ -24,7 +24,6 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from single_thread import one_thread  # noqa: F401  (autouse fixture)
 from steerdiff.guidance.manifold import DPS, MCG, ProjectionOnly, Unconditional
 from steerdiff.guidance.operators import Inpainting, InverseProblem, MatrixOperator, box_mask, extreme_mask
 from steerdiff.pipelines.restoration import RestorationPipeline
