@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import benchmark, generate
+from . import benchmark, generate, restore
 from .config import ConfigError
 
-COMMANDS = (generate, benchmark)
+COMMANDS = (generate, benchmark, restore)
 
 
 def build_parser() -> argparse.ArgumentParser:

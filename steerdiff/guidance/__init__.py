@@ -3,7 +3,8 @@
 Weight convention (diffusers'): g = u + w (c - u); w = 1 is conditional only.  Rules: :class:`CFG`,
 :class:`APG`, :class:`CFGRescale`, :class:`CFGZeroStar`; wrappers: :class:`GuidanceInterval`,
 :class:`AdaptiveGuidance`, :class:`LinearAG`; weight schedules of the noise level usable as any rule's
-``scale``.  Use them in a diffusers pipeline with :func:`steerdiff.pipelines.guide`, in a modular pipeline with
+``scale``.  For inverse problems, :class:`MCG` and :class:`DPS` (:mod:`.manifold`) with the measurement
+operators of :mod:`.operators`.  Use the guidance rules in a diffusers pipeline with :func:`steerdiff.pipelines.guide`, in a modular pipeline with
 :class:`steerdiff.guidance.modular.RuleGuider`, or by name with :func:`get_rule`.
 """
 
@@ -12,6 +13,7 @@ from .apg import APG, project
 from .base import GuidanceRule, GuidanceState
 from .cfg import CFG, CFGRescale, CFGZeroStar
 from .interval import GuidanceInterval
+from .manifold import DPS, MCG, ProjectionOnly, Unconditional  # inverse problems (issue 6)
 from .registry import RULES, get_rule, get_schedule
 from .schedules import (
     SCHEDULES,
@@ -34,3 +36,4 @@ __all__ = [
     "LambdaShape", "Linear", "LinearAG", "PowerCosine", "Sine", "VShape", "WeightSchedule", "cosine_similarity",
     "get_rule", "get_schedule", "project",
 ]
+__all__ += ["DPS", "MCG", "ProjectionOnly", "Unconditional"]  # inverse problems (issue 6)

@@ -23,6 +23,16 @@ from ..core.sde import sample_noise
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+def check_call_arguments(num_inference_steps, guidance_scale, output_type) -> None:
+    """The argument checks every steerdiff pipeline call shares."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+    if not guidance_scale >= 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
 def null_class_id(model) -> int:
     """The class id a model reads as "no class" (the unconditional branch of CFG)."""
     cfg = model.config
@@ -112,12 +122,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 or "latent" (the raw final samples in model space, not clipped).
         """
         labels = self._check_labels(class_labels)
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        if not guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        check_call_arguments(num_inference_steps, guidance_scale, output_type)
         batch = labels.shape[0]
         shape = (batch, *sample_shape(self.unet))
         if latents is None:
