@@ -5,6 +5,7 @@ from .prediction import PREDICTION_TYPES, check_prediction_type, from_eps, from_
 from .sampling import SAMPLERS, get_sampler, sample_ddim, sample_dpmpp_2m, sample_plms
 from .schedule import BETA_SCHEDULES, NoiseSchedule
 from .sde import ancestral_step, sample_noise
+from .steps import dpm_solver_2m_eps
 from .steps import dpmpp_2m_data, dpmpp_2m_first_order, euler_step, exp_neg_h, exponential_step, step_ratio
 from .tensors import batch_dot, batch_norm, check_finite, expand_to
 from .timesteps import TIMESTEP_SPACINGS, spaced_timesteps, with_final
@@ -15,5 +16,5 @@ __all__ = [
     "check_finite", "check_prediction_type", "dpmpp_2m_data", "dpmpp_2m_first_order", "euler_step",
     "exp_neg_h", "expand_to", "exponential_step", "from_eps", "from_x0", "get_sampler", "sample_ddim",
     "sample_dpmpp_2m", "sample_noise", "sample_plms", "spaced_timesteps", "step_ratio", "to_eps", "to_x0",
-    "with_final",
+    "with_final", "dpm_solver_2m_eps",
 ]
