@@ -16,7 +16,7 @@ from tiny_pipelines import tiny_sd_pipeline
 from conftest import tiny_class_unet
 from steerdiff.core import NoiseSchedule, sample_ddim, spaced_timesteps, with_final
 from steerdiff.memory import SavedTensorMeter
-from steerdiff.pipelines.adjoint import sample_with_grad
+from steerdiff.pipelines.adjoint import sample, sample_with_grad
 from steerdiff.pipelines.conditioning import class_embeddings
 from steerdiff.testbeds.mixture import GaussianMixtureDenoiser
 
@@ -24,13 +24,7 @@ F64 = torch.float64
 SCHED = DDPMScheduler()  # linear betas 1e-4..0.02, 1000 steps: the digits schedule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: one intra-op thread is several times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel(a, b):
@@ -124,6 +118,7 @@ def test_forward_is_ddim_and_dpm_solver_2m():
     first = sample_with_grad(model, x, SCHED, timesteps=grid, grad_x0=torch.ones_like(x), mode="autograd")
     ddim = sample_ddim(lambda x, t: model(x, t).sample, x, NoiseSchedule.from_config(SCHED.config), grid)
     assert torch.allclose(first.x0, ddim, rtol=0, atol=1e-12)
+    assert torch.equal(sample(model, x, SCHED, timesteps=grid), first.x0)
 
     # order 2 = diffusers' DPM-Solver (noise prediction) 2M, midpoint, ending at sigma_min with lower_order_final
     ref = DPMSolverMultistepScheduler(algorithm_type="dpmsolver", solver_order=2, solver_type="midpoint",
@@ -176,6 +171,18 @@ def test_adjoint_error_shrinks_as_steps_grow_on_a_tiny_unet():
     for name, errs in errors.items():
         assert all(b < a for a, b in zip(errs, errs[1:])), (name, errs)
         assert fitted_slope(steps, errs) < -1.0, (name, errs)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_adjoint_with_other_prediction_types(prediction_type):
+    model = mixture(prediction_type)
+    x, target = randn(2, 1, 4, 4, seed=40), randn(2, 1, 4, 4, seed=41)
+    kw = dict(num_inference_steps=40, conditioning=torch.tensor([0, 1]), guidance_scale=2.0,
+              loss_fn=squared_loss(target), params=["means"], order=2)
+    ref = sample_with_grad(model, x, SCHED, mode="autograd", **kw)
+    adj = sample_with_grad(model, x, SCHED, mode="adjoint", **kw)
+    assert torch.equal(adj.x0, ref.x0)
+    assert rel(adj.grad_x_T, ref.grad_x_T) < 0.02 and rel(adj.grad_params["means"], ref.grad_params["means"]) < 0.02
 
 
 def test_adjoint_with_one_step_is_exact():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import generate
+from . import generate, optimize
 from .config import ConfigError
 
-COMMANDS = (generate,)
+COMMANDS = (generate, optimize)
 
 
 def build_parser() -> argparse.ArgumentParser:

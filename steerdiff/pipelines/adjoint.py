@@ -11,18 +11,28 @@ order 1 is DDIM (:func:`~steerdiff.core.steps.euler_step` on eps), order 2 is DP
 :func:`sample_with_grad` returns dL/dx_T, dL/dc and dL/dtheta for L(x_0) in one of three modes:
 
 ``"adjoint"``  (continuous adjoint, optimise-then-discretise; memory independent of the number of steps)
-    Integrates the augmented adjoint ODE backwards from rho_{N-1} to rho_0,
+    Integrates the augmented adjoint ODE backwards from rho_{N-1} to rho_0, reconstructing y backwards
+    instead of storing it.  With a_x = dL/dx = a_y / alpha and d eps/dy = alpha d eps/dx it reads
 
-        d/drho [y, a_y, a_c, a_theta] = [eps, -a_y^T d eps/dy, -a_y^T d eps/dc, -a_y^T d eps/dtheta],
+        dy/drho       = eps
+        d a_y / drho  = -alpha^2 (d eps/dx)^T a_x          a_y(rho_{N-1}) = alpha_{N-1} dL/dx_{N-1}
+        d a_c / drho  = -alpha   (d eps/dc)^T a_x          a_c, a_theta start at the final step's gradient
+        d a_th / drho = -alpha   (d eps/dtheta)^T a_x
 
-    with the forward pass's own step rule on the same grid (each component advanced by euler_step in
-    (y, rho), with the DPM-Solver-2M combination of the last two derivatives at order 2), reconstructing y
-    backwards instead of storing it.  d eps/dy = alpha d eps/dx.  Each backward step is one network call and
-    one vector-Jacobian product.  The final step, into the end of the grid (sigma = 0: lambda = inf, where the
-    network is never evaluated), is differentiated exactly with one VJP at x_{N-1}, which the forward pass
-    keeps; the adjoint starts there with a_y(rho_{N-1}) = alpha_{N-1} dL/dx_{N-1}, and
-    dL/dx_T = a_y(rho_0) / alpha_0.  The result approximates the exact gradient of the discrete sampler with
-    an error that shrinks as the grid is refined (first order in the step size at order 1).
+    and dL/dx_T = a_y(rho_0) / alpha_0.  Every right-hand side is a known function of rho (1, alpha^2, alpha)
+    times a network term that varies slowly (near pure noise eps ~ x, a_x ~ const).  As the forward
+    exponential integrator takes the linear part of the ODE exactly and holds only eps constant, the adjoint
+    step holds only the network terms constant (order 1; at order 2 it adds the DPM-Solver-2M correction of the
+    last two values, :func:`~steerdiff.core.steps.dpm_solver_2m_eps`) and integrates the known factors
+    exactly: each component takes an Euler step (:func:`~steerdiff.core.steps.euler_step`) in its own clock,
+    rho for y, atan(rho) for a_y (d atan rho = alpha^2 d rho), asinh(rho) for a_c and a_theta
+    (d asinh rho = alpha d rho).  Freezing alpha too (plain Euler in rho, as a generic solver on AdjointDPM's
+    augmented ODE does) is a poor approximation where rho grows by large factors per step near x_T: there
+    a_y ~ 1 / rho decays like a stiff mode.  Each backward step is one network call and one vector-Jacobian
+    product at the reconstructed state, at the forward grid's points t_{N-1}, ..., t_1.  The final step, into
+    the end of the grid (sigma = 0, lambda = inf, where the network is never evaluated), is differentiated
+    exactly with one VJP at x_{N-1}, which the forward pass keeps.  The result approximates the exact gradient
+    of the discrete sampler with an error that shrinks as the grid is refined (first / second order).
 
 ``"checkpoint"``  (discretise-then-optimise: the exact gradient of the discrete sampler)
     Stores the per-step states (x_i and, at order 2, eps_i) and recomputes each step's graph during the
@@ -36,7 +46,6 @@ is converted with :mod:`steerdiff.core.prediction`, and the state keeps x_T's dt
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,8 +80,9 @@ class AdjointResult:
     nfe: int = 0
     """Network calls, forward and backward passes together (a CFG pair is one batched call)."""
     state_bytes: int = 0
-    """Peak bytes of the tensors the mode carries between steps outside the autograd graph (the stored states
-    of ``checkpoint``; the running adjoint state and derivative history of ``adjoint``; 0 for ``autograd``)."""
+    """Peak bytes the mode keeps from one step to the next outside the autograd graph, besides the gradient
+    accumulators every mode returns: the stored x_i (and eps_i at order 2) of ``checkpoint``; x, a_y and, at
+    order 2, the previous augmented derivative of ``adjoint``; 0 for ``autograd`` (all of it is in the graph)."""
     timesteps: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     """The grid that was integrated (N + 1 entries)."""
 
@@ -280,7 +290,7 @@ def _adjoint(problem: _Problem, x_T: torch.Tensor, order: int, seed_grad):
             a_cond = _clock_step(a_cond, d_cond, g.asinh_rho[k], g.asinh_rho[k - 1])
         a_params = [_clock_step(a, d, g.asinh_rho[k], g.asinh_rho[k - 1]) for a, d in zip(a_params, d_params)]
         watch.update(k, [a_y, *([a_cond] if a_cond is not None else []), *a_params])
-        state_bytes = max(state_bytes, _nbytes([x, a_y, a_cond, *a_params, *deriv, *(prev or [])]))
+        state_bytes = max(state_bytes, _nbytes([x, a_y, *(prev or [])]))
         if k > 1:
             prev = deriv
             with torch.enable_grad():
@@ -404,6 +414,44 @@ def _check_finite_seed(cot: torch.Tensor) -> None:
         raise FloatingPointError("dL/dx0 (the gradient of the loss at the generated sample) has NaN/Inf values")
 
 
+def _setup(model, x_T, schedule, num_inference_steps, timesteps, timestep_spacing, conditioning,
+           uncond_conditioning, guidance_scale, prediction_type, order, params=None) -> _Problem:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if not torch.is_tensor(x_T) or not x_T.is_floating_point() or x_T.ndim < 2:
+        raise ValueError("x_T must be a floating-point tensor (B, ...) of initial noise")
+    noise_schedule, config_prediction = _as_schedule(schedule)
+    if prediction_type is None:
+        prediction_type = getattr(model, "config", {}).get("prediction_type") or config_prediction or "epsilon"
+    check_prediction_type(prediction_type)
+    ts = _resolve_timesteps(noise_schedule, num_inference_steps, timesteps, timestep_spacing)
+    grid = _grid(noise_schedule, ts, x_T.device)
+    denoiser = GuidedDenoiser(model, guidance_scale, uncond_conditioning)
+    denoiser.check_conditioning(conditioning)
+    return _Problem(denoiser, grid, prediction_type, conditioning, resolve_params(model, params))
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    x_T: torch.Tensor,
+    schedule: Any,
+    *,
+    num_inference_steps: int | None = None,
+    timesteps: torch.Tensor | None = None,
+    timestep_spacing: str = "linspace",
+    conditioning: torch.Tensor | None = None,
+    uncond_conditioning: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    order: int = 1,
+    prediction_type: str | None = None,
+) -> torch.Tensor:
+    """x_0 from x_T with exactly the forward pass of :func:`sample_with_grad` (same arguments), without gradients."""
+    problem = _setup(model, x_T, schedule, num_inference_steps, timesteps, timestep_spacing, conditioning,
+                     uncond_conditioning, guidance_scale, prediction_type, order)
+    return problem.forward(x_T, order)
+
+
 def sample_with_grad(
     model: nn.Module,
     x_T: torch.Tensor,
@@ -444,22 +492,9 @@ def sample_with_grad(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    if not torch.is_tensor(x_T) or not x_T.is_floating_point() or x_T.ndim < 2:
-        raise ValueError("x_T must be a floating-point tensor (B, ...) of initial noise")
-    noise_schedule, config_prediction = _as_schedule(schedule)
-    if prediction_type is None:
-        prediction_type = getattr(model, "config", {}).get("prediction_type") or config_prediction or "epsilon"
-    check_prediction_type(prediction_type)
-    ts = _resolve_timesteps(noise_schedule, num_inference_steps, timesteps, timestep_spacing)
-    grid = _grid(noise_schedule, ts, x_T.device)
-    denoiser = GuidedDenoiser(model, guidance_scale, uncond_conditioning)
-    denoiser.check_conditioning(conditioning)
-    named = resolve_params(model, params)
+    problem = _setup(model, x_T, schedule, num_inference_steps, timesteps, timestep_spacing, conditioning,
+                     uncond_conditioning, guidance_scale, prediction_type, order, params)
     seed = _seed_grad(loss_fn, grad_x0)
-
-    problem = _Problem(denoiser, grid, prediction_type, conditioning, named)
     x0, loss, grads, state_bytes = _MODE_FNS[mode](problem, x_T, order, seed)
     grad_x_T, grad_cond, grad_params = problem.split([t.detach() for t in grads])
     return AdjointResult(
@@ -470,8 +505,8 @@ def sample_with_grad(
         loss=None if loss is None else loss.detach(),
         nfe=problem.nfe,
         state_bytes=int(state_bytes),
-        timesteps=grid.t,
+        timesteps=problem.grid.t,
     )
 
 
-__all__ = ["MODES", "ORDERS", "AdjointResult", "resolve_params", "sample_with_grad"]
+__all__ = ["MODES", "ORDERS", "AdjointResult", "resolve_params", "sample", "sample_with_grad"]
