@@ -28,7 +28,9 @@ def test_batch_equals_single_calls(tiny_pipe):
     batch = tiny_pipe([0, 1, 2, 3], 6, guidance_scale=2.0, generator=gens(10, 11, 12, 13), output_type="latent").images
     for i, label in enumerate([0, 1, 2, 3]):
         single = tiny_pipe([label], 6, guidance_scale=2.0, generator=gens(10 + i), output_type="latent").images
-        assert torch.allclose(batch[i : i + 1], single, atol=1e-5)
+        # latents of this random net reach ~450: compare to their scale (the network may reassociate per batch size;
+        # with one thread per worker it does, by ~3e-7 of the scale)
+        assert (batch[i : i + 1] - single).abs().max() <= 1e-5 * single.abs().max()
 
 
 def test_cfg_matches_manual_loop(tiny_pipe):

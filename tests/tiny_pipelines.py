@@ -55,7 +55,7 @@ def tiny_sd_pipeline(scheduler=None) -> StableDiffusionPipeline:
     )
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline(
-        unet=unet, vae=_vae(), text_encoder=CLIPTextModel(_text_config()), tokenizer=tiny_tokenizer(),
+        unet=unet.eval(), vae=_vae().eval(), text_encoder=CLIPTextModel(_text_config()).eval(), tokenizer=tiny_tokenizer(),
         scheduler=scheduler or PNDMScheduler(**SD_SCHEDULER, skip_prk_steps=True),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
@@ -77,8 +77,8 @@ def tiny_sdxl_pipeline(scheduler=None) -> StableDiffusionXLPipeline:
     text_encoder = CLIPTextModel(_text_config(hidden_act="gelu", projection_dim=32))
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(hidden_act="gelu", projection_dim=32))
     pipe = StableDiffusionXLPipeline(
-        unet=unet, vae=_vae(), text_encoder=text_encoder, tokenizer=tiny_tokenizer(),
-        text_encoder_2=text_encoder_2, tokenizer_2=tiny_tokenizer(),
+        unet=unet.eval(), vae=_vae().eval(), text_encoder=text_encoder.eval(), tokenizer=tiny_tokenizer(),
+        text_encoder_2=text_encoder_2.eval(), tokenizer_2=tiny_tokenizer(),
         scheduler=scheduler or EulerDiscreteScheduler(**SD_SCHEDULER, timestep_spacing="leading"),
     )
     pipe.set_progress_bar_config(disable=True)
@@ -95,6 +95,7 @@ def tiny_dit_pipeline(scheduler=None) -> DiTPipeline:
         norm_type="ada_norm_zero", norm_elementwise_affine=False,
     )
     torch.manual_seed(0)
-    pipe = DiTPipeline(transformer=transformer, vae=_vae(), scheduler=scheduler or DDIMScheduler())
+    # eval(): built from a config the modules are in train mode, where DiT drops labels at random
+    pipe = DiTPipeline(transformer=transformer.eval(), vae=_vae().eval(), scheduler=scheduler or DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe

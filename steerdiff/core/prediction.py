@@ -66,3 +66,20 @@ def from_eps(eps: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction_type: 
     if prediction_type == "sample":
         return (x - s * eps) / a
     return (eps - s * x) / a  # from eps = sigma x + alpha v
+
+
+def convert_prediction(output: torch.Tensor, x: torch.Tensor, alpha, sigma, from_type: str, to_type: str) -> torch.Tensor:
+    """Re-express a model output of ``from_type`` as the output of ``to_type`` with the same data prediction.
+
+    Goes through eps (``sample`` through x0), so that eps <-> v never divides by sigma:
+    eps -> v is (eps - sigma x) / alpha, v -> eps is sigma x + alpha v.
+    """
+    check_prediction_type(from_type)
+    check_prediction_type(to_type)
+    if from_type == to_type:
+        return output
+    if to_type == "sample":
+        return to_x0(output, x, alpha, sigma, from_type)
+    if from_type == "sample":
+        return from_x0(output, x, alpha, sigma, to_type)
+    return from_eps(to_eps(output, x, alpha, sigma, from_type), x, alpha, sigma, to_type)

@@ -66,6 +66,16 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def num_classes(self) -> int:
         return null_class_id(self.unet)
 
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance scale of the current (or last) call."""
+        return getattr(self, "_guidance_scale", 1.0)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the current call runs the unconditional branch (guidance_scale != 1), as in diffusers' pipelines."""
+        return self.guidance_scale != 1.0
+
     def _check_labels(self, class_labels) -> torch.Tensor:
         if isinstance(class_labels, int):
             class_labels = [class_labels]
@@ -116,7 +126,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         x = latents.to(self.device, self.unet.dtype) * self.scheduler.init_noise_sigma
 
-        use_cfg = guidance_scale != 1.0
+        self._guidance_scale = float(guidance_scale)
+        use_cfg = self.do_classifier_free_guidance
         model_labels = torch.cat([torch.full_like(labels, self.num_classes), labels]) if use_cfg else labels
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}

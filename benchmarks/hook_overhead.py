@@ -1,0 +1,133 @@
+"""Wall time of a pipeline call under ``guide(pipe, CFG(w))`` against the pipeline's own CFG.
+
+Target (issue 5): ratio <= 1.03.  The pipeline is the tiny random Stable Diffusion 1.5-shaped pipeline of the
+test suite (tests/tiny_pipelines.py, built offline), where the denoiser is cheap, so the hook's fixed per-step
+cost weighs as much as it ever will.  The two kinds of call alternate (own, guided, own, guided, ...) so that
+drifts in machine load hit both alike; the hook is installed and removed outside the timed region.  Besides
+wall time it reports the process's CPU time per call, which other processes on a shared machine disturb less.
+The guided and own images are checked to be identical.
+
+    python benchmarks/hook_overhead.py                       # CPU
+    python benchmarks/hook_overhead.py --device cuda --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from tiny_pipelines import tiny_sd_pipeline  # noqa: E402
+
+from steerdiff.guidance import CFG  # noqa: E402
+from steerdiff.pipelines import guide  # noqa: E402
+
+
+def timed_call(pipe, kwargs, device: torch.device) -> tuple[float, float, object]:
+    """(wall seconds, process CPU seconds, images) of one pipeline call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    images = pipe(**kwargs, generator=torch.Generator(device="cpu").manual_seed(0)).images
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, time.process_time() - start_cpu, images
+
+
+def hook_cost_per_step(pipe, rule, check_finite: bool, batch: int, device: torch.device, repeats: int = 2000) -> float:
+    """Seconds per network call that the hook adds by itself: its forward wrapper with the network replaced by
+    a precomputed output (the doubled batch of an SD step)."""
+    unet = pipe.unet
+    sample = torch.randn(2 * batch, unet.config.in_channels, 16, 16, device=device)
+    hidden = torch.randn(2 * batch, 16, unet.config.cross_attention_dim, device=device)
+    output = (torch.randn_like(sample),)
+    t = pipe.scheduler.timesteps[0] if pipe.scheduler.timesteps is not None else torch.tensor(999)
+    hook = guide(pipe, rule, check_finite=check_finite)
+    try:
+        hook._inner = lambda *args, **kwargs: output
+        pipe._guidance_scale, pipe._guidance_rescale = 7.5, 0.0
+        for _ in range(50):
+            unet(sample, t, encoder_hidden_states=hidden, return_dict=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            unet(sample, t, encoder_hidden_states=hidden, return_dict=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / repeats
+    finally:
+        hook.remove()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=2, help="prompts per call")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls of each kind")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
+    parser.add_argument("--scale", type=float, default=7.5)
+    parser.add_argument("--no-check-finite", action="store_true", help="run the hook without its NaN/Inf check")
+    args = parser.parse_args(argv)
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    pipe = tiny_sd_pipeline().to(device)
+    kwargs = dict(
+        prompt=[f"a photo of thing {i}" for i in range(args.batch)], num_inference_steps=args.steps,
+        guidance_scale=args.scale, output_type="np",
+    )
+    rule = CFG(args.scale)
+
+    def guided():
+        with guide(pipe, rule, check_finite=not args.no_check_finite):
+            return timed_call(pipe, kwargs, device)
+
+    for _ in range(args.warmup):
+        timed_call(pipe, kwargs, device)
+        guided()
+    own_times, guided_times, own_cpu, guided_cpu = [], [], [], []
+    for _ in range(args.repeats):
+        t_own, c_own, own_images = timed_call(pipe, kwargs, device)
+        t_guided, c_guided, guided_images = guided()
+        own_times.append(t_own)
+        guided_times.append(t_guided)
+        own_cpu.append(c_own)
+        guided_cpu.append(c_guided)
+    identical = bool((own_images == guided_images).all())
+
+    pair_ratios = sorted(g / o for g, o in zip(guided_times, own_times))
+    q = statistics.quantiles(pair_ratios, n=4)
+    own_median, guided_median = statistics.median(own_times), statistics.median(guided_times)
+    ratio = guided_median / own_median
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)"
+    print(f"device: {name}; tiny SD pipeline, {args.batch} prompts, {args.steps} steps, w = {args.scale}, "
+          f"{args.repeats} timed calls each (after {args.warmup} warm-up)")
+    print(f"own CFG:            median {own_median * 1e3:8.2f} ms  (min {min(own_times) * 1e3:.2f})")
+    print(f"guide(pipe, CFG):   median {guided_median * 1e3:8.2f} ms  (min {min(guided_times) * 1e3:.2f})")
+    print(f"ratio of medians:   {ratio:.4f}   (per-pair ratios: median {statistics.median(pair_ratios):.4f}, "
+          f"quartiles {q[0]:.4f} .. {q[2]:.4f}); ratio of minima {min(guided_times) / min(own_times):.4f}")
+    cpu_ratio = statistics.median(guided_cpu) / statistics.median(own_cpu)
+    print(f"process CPU time:   own median {statistics.median(own_cpu) * 1e3:.2f} ms, guided median "
+          f"{statistics.median(guided_cpu) * 1e3:.2f} ms, ratio {cpu_ratio:.4f}; hook cost per step "
+          f"{(statistics.median(guided_cpu) - statistics.median(own_cpu)) / args.steps * 1e6:.0f} us (CPU)")
+    fixed = hook_cost_per_step(pipe, rule, not args.no_check_finite, args.batch, device)
+    print(f"hook's fixed cost:  {fixed * 1e6:.0f} us per network call (network stubbed out; the median own step "
+          f"took {own_median / args.steps * 1e3:.2f} ms wall), i.e. {fixed * args.steps / own_median:.2%} of the call")
+    print(f"images identical:   {identical}")
+    print(f"target <= 1.03:     {'met' if ratio <= 1.03 else 'NOT met'}")
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""The guidance-rule interface and the per-evaluation state a rule may read.
+
+A guidance rule combines the conditional prediction c and the unconditional prediction u of one network
+evaluation into the guided prediction g, all three in the model's own parametrization (its
+``prediction_type``).  Weight convention everywhere (diffusers', Ho & Salimans 2022 as written in Imagen):
+
+    g = u + w (c - u)        w = 1: conditional only,  w = 0: unconditional only.
+
+Papers that write eps = c + w' (c - u) use w' = w - 1.
+
+A rule that needs another parametrization (APG works on the data prediction, CFG-Zero* on eps) declares it
+in ``space``; :class:`GuidanceRule` converts c and u there (in float64, through
+:func:`steerdiff.core.prediction.convert_prediction`) and converts the result back, so every rule serves
+epsilon, v_prediction and sample models alike.
+
+Per-sample masks.  ``state.active`` marks the samples a wrapper wants guided at this evaluation (None = all);
+the others get g = c.  ``state.evaluated`` marks the samples whose u really came from the network (None =
+all); where it is False the caller passed c in u's place.  :meth:`GuidanceRule.uncond_needed` lets a rule
+say, before the network runs, which samples need u at all, so that a caller (:func:`steerdiff.pipelines.guide`)
+runs the network on the conditional half only for the others.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from numbers import Real
+
+import torch
+
+from ..core.prediction import check_prediction_type, convert_prediction
+from ..core.schedule import NoiseSchedule
+
+UncondMask = torch.Tensor | bool | None
+"""What :meth:`GuidanceRule.uncond_needed` returns: None or True (every sample), False (none), or a bool
+tensor of shape (B,) or (1,)."""
+
+
+class GuidanceState:
+    """What a rule may read about the current network evaluation (one per call of the network).
+
+    Args:
+        schedule: the model's VP noise schedule (alpha, sigma at the network's timestep).
+        timestep: the timestep the network received: a number, a 0-d tensor or one per sample (B,);
+            diffusers' discrete training timesteps, possibly fractional (Euler).
+        sample: the network input x_t of the conditional samples (B, C, ...), guided channels only.
+            The input is the VP sample (diffusers pipelines feed ``scale_model_input(x)``).
+        prediction_type: "epsilon", "v_prediction" or "sample".
+        step: index of this evaluation since the rule was last reset (0 at the first evaluation of a run).
+        active: bool (B,) or None; samples to guide (the others get the conditional prediction).
+        evaluated: bool (B,) or None; samples whose unconditional prediction came from the network.
+
+    The derived per-sample quantities (float64, shape (B,), on the sample's device) are computed on first use:
+    ``timestep``, ``alpha``, ``sigma``, ``sigma_bar`` (= sigma / alpha, the EDM / Karras noise level) and
+    ``progress`` (s = t / (T - 1) in [0, 1]: 1 = pure noise, 0 = clean, T = training timesteps).
+    """
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        timestep,
+        sample: torch.Tensor,
+        prediction_type: str = "epsilon",
+        step: int = 0,
+        active: torch.Tensor | None = None,
+        evaluated: torch.Tensor | None = None,
+    ):
+        self.schedule = schedule
+        self._raw_timestep = timestep
+        self.sample = sample
+        self.prediction_type = check_prediction_type(prediction_type)
+        self.step = int(step)
+        self.active = active
+        self.evaluated = evaluated
+
+    @property
+    def batch_size(self) -> int:
+        return self.sample.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.sample.device
+
+    @cached_property
+    def timestep(self) -> torch.Tensor:
+        t = torch.as_tensor(self._raw_timestep, device=self.device).to(torch.float64).reshape(-1)
+        if t.numel() == 1:
+            return t.expand(self.batch_size)
+        if t.numel() != self.batch_size:
+            raise ValueError(f"timestep must be a scalar or hold one value per sample ({self.batch_size}), got {t.numel()}")
+        return t
+
+    @cached_property
+    def _alpha_sigma(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.schedule.alpha_sigma(self.timestep)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return self._alpha_sigma[0]
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self._alpha_sigma[1]
+
+    @cached_property
+    def sigma_bar(self) -> torch.Tensor:
+        return self.sigma / self.alpha
+
+    @cached_property
+    def progress(self) -> torch.Tensor:
+        return (self.timestep / (self.schedule.num_train_timesteps - 1)).clamp(0.0, 1.0)
+
+    def replace(self, **changes) -> "GuidanceState":
+        """A copy with some of ``step``, ``active``, ``evaluated``, ``sample`` changed (derived values are kept
+        unless ``sample`` changes)."""
+        allowed = {"step", "active", "evaluated", "sample"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise ValueError(f"GuidanceState.replace accepts {sorted(allowed)}, got {sorted(unknown)}")
+        new = object.__new__(GuidanceState)
+        new.__dict__.update(self.__dict__)
+        if "sample" in changes:
+            for key in ("timestep", "_alpha_sigma", "sigma_bar", "progress"):
+                new.__dict__.pop(key, None)
+        new.__dict__.update(changes)
+        return new
+
+    def __repr__(self) -> str:
+        return (
+            f"GuidanceState(step={self.step}, batch={self.batch_size}, prediction_type={self.prediction_type!r}, "
+            f"timestep={self._raw_timestep!r})"
+        )
+
+
+def to_space(pred: torch.Tensor, state: GuidanceState, space: str) -> torch.Tensor:
+    """``pred`` (in the model's parametrization) as a float64 prediction of type ``space``."""
+    if space == state.prediction_type:
+        return pred.to(torch.float64)
+    return convert_prediction(
+        pred.to(torch.float64), state.sample.to(torch.float64), state.alpha, state.sigma, state.prediction_type, space
+    )
+
+
+def from_space(pred: torch.Tensor, state: GuidanceState, space: str, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`to_space`, cast to ``dtype``."""
+    if space != state.prediction_type:
+        pred = convert_prediction(
+            pred.to(torch.float64), state.sample.to(torch.float64), state.alpha, state.sigma, space, state.prediction_type
+        )
+    return pred.to(dtype)
+
+
+def mask_like(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample bool mask (B,) shaped to broadcast against ``x`` (B, ...), on ``x``'s device."""
+    return mask.to(device=x.device, dtype=torch.bool).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def and_masks(a: UncondMask | torch.Tensor, b: UncondMask | torch.Tensor) -> UncondMask:
+    """Conjunction of two masks where None / True mean "all" and False means "none"."""
+    if a is None or a is True:
+        return b
+    if b is None or b is True:
+        return a
+    if a is False or b is False:
+        return False
+    return a & b
+
+
+class GuidanceRule:
+    """Base class: subclasses implement :meth:`combine` (and :meth:`reset` if they keep per-run state).
+
+    Calling a rule, ``rule(cond, uncond, state)``, checks the shapes, converts to the rule's ``space``, combines,
+    converts back to the model's parametrization and dtype, and keeps the conditional prediction for samples
+    that ``state.active`` leaves out.
+    """
+
+    space: str | None = None
+    """The parametrization :meth:`combine` works in; None = the model's own (for rules that are affine in the
+    predictions with coefficients that do not depend on them, such as CFG, the result is the same in every
+    parametrization)."""
+
+    def reset(self, timesteps: torch.Tensor | None = None) -> None:
+        """Forget per-run state.  Called at the start of every sampling run (``timesteps``: the run's grid,
+        when the caller knows it)."""
+
+    def uncond_needed(self, state: GuidanceState) -> UncondMask:
+        """Which samples need the unconditional prediction at this evaluation (None = all)."""
+        return None
+
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, state: GuidanceState) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, state: GuidanceState) -> torch.Tensor:
+        check_pair(cond, uncond, state)
+        space = self.space
+        if space is None:
+            guided = self.combine(cond, uncond, state)
+        else:
+            guided = from_space(
+                self.combine(to_space(cond, state, space), to_space(uncond, state, space), state), state, space, cond.dtype
+            )
+        if state.active is not None:
+            guided = torch.where(mask_like(state.active, guided), guided, cond)
+        return guided
+
+
+def check_pair(cond: torch.Tensor, uncond: torch.Tensor, state: GuidanceState) -> None:
+    if not isinstance(cond, torch.Tensor) or not isinstance(uncond, torch.Tensor):
+        raise TypeError("cond and uncond must be tensors")
+    if cond.shape != uncond.shape:
+        raise ValueError(f"cond and uncond must have the same shape, got {tuple(cond.shape)} and {tuple(uncond.shape)}")
+    if cond.ndim < 2 or cond.shape[0] != state.batch_size:
+        raise ValueError(
+            f"cond must have shape (B, ...) with B = {state.batch_size} (the state's batch), got {tuple(cond.shape)}"
+        )
+
+
+def check_scalar(value, name: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:
+    """A finite real number within [low, high] (or (low, high] with ``low_open``), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    value = float(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must lie in {bracket}{lo}, {hi}], got {value:g}")
+    return value

@@ -1,0 +1,87 @@
+"""Classifier-free guidance and two variants that act on its output: CFG rescale and CFG-Zero*."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.prediction import PREDICTION_TYPES
+from ..core.tensors import batch_dot, batch_norm, expand_to
+from .base import GuidanceRule, GuidanceState, check_scalar
+from .schedules import WeightSchedule, as_scale, scale_at
+
+
+class CFG(GuidanceRule):
+    """Classifier-free guidance (Ho & Salimans 2022), diffusers' convention:  g = u + w (c - u).
+
+    ``scale`` is w (a number >= 0, or a :class:`~steerdiff.guidance.schedules.WeightSchedule` of the noise
+    level).  Affine in (c, u), so it is the same in every parametrization and runs on the raw model output.
+    """
+
+    def __init__(self, scale: float | WeightSchedule = 7.5):
+        self.scale = as_scale(scale)
+
+    def combine(self, cond, uncond, state):
+        w = scale_at(self.scale, state, cond)
+        return uncond + w * (cond - uncond)
+
+    def __repr__(self) -> str:
+        return f"CFG(scale={self.scale!r})"
+
+
+class CFGRescale(GuidanceRule):
+    """CFG with the rescale of Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    Sec. 3.4), against over-exposure at high w:
+
+        g = u + w (c - u);   g <- phi g std(c) / std(g) + (1 - phi) g       (std over the non-batch dims)
+
+    ``space``: the parametrization the std is taken in.  The paper's model predicts v, so the default is
+    "v_prediction" (the same numbers for any parametrization of one denoiser); ``space="model"`` rescales the
+    raw model output, as diffusers' ``guidance_rescale`` does.  The std ratio is computed in float64.
+    """
+
+    def __init__(self, scale: float | WeightSchedule = 7.5, phi: float = 0.7, space: str = "v_prediction"):
+        self.scale = as_scale(scale)
+        self.phi = check_scalar(phi, "phi", low=0.0, high=1.0)
+        if space not in (*PREDICTION_TYPES, "model"):
+            raise ValueError(f"space must be one of {(*PREDICTION_TYPES, 'model')}, got {space!r}")
+        self.space = None if space == "model" else space
+
+    def combine(self, cond, uncond, state):
+        w = scale_at(self.scale, state, cond)
+        guided = uncond + w * (cond - uncond)
+        ratio = cond.to(torch.float64).flatten(1).std(dim=1) / guided.to(torch.float64).flatten(1).std(dim=1)
+        factor = self.phi * ratio + (1.0 - self.phi)
+        return guided * expand_to(factor, guided)
+
+    def __repr__(self) -> str:
+        return f"CFGRescale(scale={self.scale!r}, phi={self.phi:g}, space={self.space or 'model'!r})"
+
+
+class CFGZeroStar(GuidanceRule):
+    """CFG-Zero* (Fan et al. 2025): guide from the unconditional prediction scaled by its optimal factor,
+
+        a* = <c, u> / ||u||^2   (per sample, float64);   g = a* u + w (c - a* u),
+
+    and output zero for the first ``zero_init_steps`` evaluations of a run.  The paper works on the velocity of
+    a flow-matching ODE; its VP counterpart is eps, the velocity of the ODE d x_bar / d sigma_bar = eps (zero eps
+    leaves x_bar = x / alpha where it is, as zero velocity leaves a flow sample), so the rule works on eps.
+    """
+
+    space = "epsilon"
+
+    def __init__(self, scale: float | WeightSchedule = 7.5, zero_init_steps: int = 1):
+        self.scale = as_scale(scale)
+        if isinstance(zero_init_steps, bool) or not isinstance(zero_init_steps, int) or zero_init_steps < 0:
+            raise ValueError(f"zero_init_steps must be an integer >= 0, got {zero_init_steps!r}")
+        self.zero_init_steps = zero_init_steps
+
+    def combine(self, cond, uncond, state: GuidanceState):
+        if state.step < self.zero_init_steps:
+            return torch.zeros_like(cond)
+        a = batch_dot(cond, uncond) / batch_norm(uncond).square().clamp_min(torch.finfo(torch.float64).tiny)
+        scaled_uncond = expand_to(a, uncond) * uncond
+        w = scale_at(self.scale, state, cond)
+        return scaled_uncond + w * (cond - scaled_uncond)
+
+    def __repr__(self) -> str:
+        return f"CFGZeroStar(scale={self.scale!r}, zero_init_steps={self.zero_init_steps})"

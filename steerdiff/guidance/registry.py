@@ -1,0 +1,96 @@
+"""Guidance rules and weight schedules by name, with keyword arguments as a YAML config gives them.
+
+    get_rule("cfg", scale=7.5)
+    get_rule("apg", scale={"schedule": "linear", "w0": 9.0}, momentum=-0.5)
+    get_rule("interval", rule={"name": "cfg", "scale": 5.0}, sigma_low=0.28, sigma_high=5.42)
+    get_rule("adaptive", rule={"name": "cfg", "scale": 5.0}, threshold=0.99)
+    get_rule("linear_ag", rule={"name": "cfg", "scale": 5.0}, coefficients="linear_ag.safetensors")
+
+Every keyword is checked against the rule's signature: a misspelt option is an error listing the allowed ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from .adaptive import AdaptiveGuidance, LinearAG
+from .apg import APG
+from .base import GuidanceRule
+from .cfg import CFG, CFGRescale, CFGZeroStar
+from .interval import GuidanceInterval
+from .schedules import SCHEDULES, WeightSchedule
+
+RULES: dict[str, type[GuidanceRule]] = {
+    "cfg": CFG,
+    "apg": APG,
+    "cfg_rescale": CFGRescale,
+    "cfg_zero_star": CFGZeroStar,
+    "interval": GuidanceInterval,
+    "adaptive": AdaptiveGuidance,
+    "linear_ag": LinearAG,
+}
+WRAPPERS = ("interval", "adaptive", "linear_ag")
+
+
+def _parameters(cls: type) -> list[str]:
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
+def _check_kwargs(what: str, kwargs: Mapping[str, Any], allowed: list[str]) -> None:
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"{what} has no option(s) {unknown}; allowed: {allowed}")
+
+
+def get_schedule(name: str, **kwargs: Any) -> WeightSchedule:
+    """A weight schedule by name (``constant``, ``linear``, ``cosine``, ... see ``SCHEDULES``)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown weight schedule {name!r}; available: {', '.join(SCHEDULES)}")
+    cls = SCHEDULES[name]
+    _check_kwargs(f"schedule {name!r}", kwargs, _parameters(cls))
+    return cls(**kwargs)
+
+
+def _scale(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        spec = dict(value)
+        if "schedule" not in spec:
+            raise ValueError(f"a scale given as a mapping needs a 'schedule' key (one of {', '.join(SCHEDULES)}), got {value!r}")
+        return get_schedule(spec.pop("schedule"), **spec)
+    return value
+
+
+def _inner_rule(value: Any) -> GuidanceRule:
+    if isinstance(value, GuidanceRule):
+        return value
+    if isinstance(value, Mapping):
+        spec = dict(value)
+        if "name" not in spec:
+            raise ValueError(f"an inner rule given as a mapping needs a 'name' key (one of {', '.join(RULES)}), got {value!r}")
+        return get_rule(spec.pop("name"), **spec)
+    raise ValueError(f"rule must be a GuidanceRule or a mapping with a 'name' key, got {value!r}")
+
+
+def get_rule(name: str, **kwargs: Any) -> GuidanceRule:
+    """A guidance rule by name (one of ``RULES``); ``scale`` may be a schedule mapping, ``rule`` (for the
+    wrappers interval / adaptive / linear_ag) a nested rule mapping; ``linear_ag`` takes ``coefficients``, the
+    path of a file written by :meth:`LinearAG.save`."""
+    if name not in RULES:
+        raise ValueError(f"unknown guidance rule {name!r}; available: {', '.join(RULES)}")
+    cls = RULES[name]
+    if name == "linear_ag":
+        _check_kwargs("rule 'linear_ag'", kwargs, ["rule", "coefficients"])
+        if "rule" not in kwargs or "coefficients" not in kwargs:
+            raise ValueError("rule 'linear_ag' needs 'rule' (the guidance to apply) and 'coefficients' (a LinearAG file)")
+        return LinearAG.load(kwargs["coefficients"], _inner_rule(kwargs["rule"]))
+    _check_kwargs(f"rule {name!r}", kwargs, _parameters(cls))
+    kwargs = dict(kwargs)
+    if "scale" in kwargs:
+        kwargs["scale"] = _scale(kwargs["scale"])
+    if name in WRAPPERS:
+        if "rule" not in kwargs:
+            raise ValueError(f"rule {name!r} wraps another rule: give it as rule={{'name': 'cfg', 'scale': ...}}")
+        kwargs["rule"] = _inner_rule(kwargs["rule"])
+    return cls(**kwargs)
