@@ -292,7 +292,8 @@ def _adjoint(problem: _Problem, x_T: torch.Tensor, order: int, seed_grad):
         watch.update(k, [a_y, *([a_cond] if a_cond is not None else []), *a_params])
         state_bytes = max(state_bytes, _nbytes([x, a_y, *(prev or [])]))
         if k > 1:
-            prev = deriv
+            prev = deriv if order == 2 else None
+            del direction, d_eps, d_ay, d_cond, d_params, deriv  # at order 1 nothing outlives the step
             with torch.enable_grad():
                 xk = x.requires_grad_(True)
                 deriv = _adjoint_derivative(problem, xk, problem.eps(xk, k - 1), a_y, k - 1)
