@@ -1,5 +1,10 @@
 """Diffusers-compatible schedulers, and the registry that finds any scheduler by name."""
 
+from .ghvb import GHVBScheduler
+from .heavy_ball import HeavyBallDPMSolverScheduler, HeavyBallPLMSScheduler
 from .registry import ALIASES, available_schedulers, make_scheduler, resolve_scheduler
 
-__all__ = ["ALIASES", "available_schedulers", "make_scheduler", "resolve_scheduler"]
+__all__ = [
+    "ALIASES", "GHVBScheduler", "HeavyBallDPMSolverScheduler", "HeavyBallPLMSScheduler", "available_schedulers",
+    "make_scheduler", "resolve_scheduler",
+]

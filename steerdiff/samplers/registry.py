@@ -25,6 +25,9 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "deis": ("DEISMultistepScheduler", {}),
+    "plms_hb": ("HeavyBallPLMSScheduler", {}),
+    "dpmpp_2m_hb": ("HeavyBallDPMSolverScheduler", {}),
+    "ghvb": ("GHVBScheduler", {}),
 }
 
 

@@ -1,0 +1,43 @@
+"""Generalized heavy ball (GHVB), as a diffusers scheduler.
+
+Wizadwongsa & Suwajanakorn, "Diffusion Sampling with Momentum for Mitigating Divergence Artifacts" (ICLR 2024).
+GHVB puts the momentum inside the multistep method: it averages eps and combines the velocities with
+Adams-Bashforth weights corrected for beta, so it keeps the order r of PLMS-r while its stability region grows
+as beta falls.  Named by its momentum number m = r - (1 - beta): GHVB 3.8 = order 4, beta 0.8.  One network
+call per step; NFE = num_inference_steps.
+
+    pipe.scheduler = GHVBScheduler.from_config(pipe.scheduler.config, momentum_number=3.8)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.momentum import MomentumState, check_order, ghvb_direction, order_and_beta
+from .base import MomentumScheduler, schedule_options
+
+
+class GHVBScheduler(MomentumScheduler):
+    """GHVB of order r = 1-4 and momentum beta in (x_bar, sigma_bar) = (x / alpha, sigma / alpha):
+
+        v_n = (1 - beta) v_{n-1} + beta eps_n,   v_0 = eps_0,
+        x_bar_{n+1} = x_bar_n + (sigma_bar_{n+1} - sigma_bar_n) AB_r(v_n, v_{n-1}, ...; beta),
+
+    with the beta-weighted Adams-Bashforth rule of :mod:`steerdiff.core.multistep` (of lower order while fewer
+    than r velocities exist).  The first step is DDIM; ``beta=1`` is PLMS-r.
+
+    ``momentum_number`` m in (0, 4], when given, sets ``order = ceil(m)`` and ``beta = m - (order - 1)``
+    (overriding ``order`` and ``beta``, which the config then records).
+    """
+
+    @schedule_options
+    def __init__(self, order: int = 4, beta: float = 0.8, momentum_number: float | None = None, **schedule_options):
+        if momentum_number is not None:
+            order, beta = order_and_beta(momentum_number)
+            self.register_to_config(order=order, beta=beta)
+        super().__init__(**schedule_options)
+        self._momentum = MomentumState(beta, history_length=check_order(order))
+
+    def _update(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        direction = ghvb_direction(self._momentum, self._eps(i, model_output, sample), self.config.order)
+        return self._euler(i, sample, direction)
