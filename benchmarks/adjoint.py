@@ -2,12 +2,13 @@
 
 For each number of steps and solver order it measures, per mode: the peak bytes saved for backward (counted
 with ``torch.autograd.graph.saved_tensors_hooks``, model weights excluded), the bytes the mode carries outside
-the graph (stored states), the wall time (best of ``--repeats``), and the agreement of dL/dx_T,
+the graph (stored states), the wall time (median of ``--repeats`` runs, the modes interleaved so that load from
+other processes hits them alike), and the agreement of dL/dx_T,
 dL/d(class embedding) and dL/d(all weights) with plain autograd (cosine similarity and relative error).
 On CUDA it also reports ``torch.cuda.max_memory_allocated``.  The loss is the digits classifier's cross
 entropy towards ``--target-class`` (the loss of the noise-optimisation task).
 
-    python benchmarks/adjoint.py --steps 10 50 200 --orders 1 2 --json docs/benchmarks/adjoint.json
+    python -m benchmarks.adjoint --steps 10 50 200 --orders 1 2 --json docs/benchmarks/adjoint.json
 
 Targets (issue 7): adjoint and checkpoint at <= 3x the time of autograd, checkpoint exact, adjoint cosine
 >= 0.99 at 50 steps.  The script prints the measured ratios; it asserts nothing.
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -27,13 +29,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from steerdiff.memory import SavedTensorMeter  # noqa: E402
-from steerdiff.pipelines.adjoint import MODES, sample_with_grad  # noqa: E402
-from steerdiff.pipelines.class_conditional import sample_shape  # noqa: E402
-from steerdiff.pipelines.conditioning import class_embeddings  # noqa: E402
-from steerdiff.pipelines.loading import load_pipeline  # noqa: E402
+from steerdiff.memory import SavedTensorMeter
+from steerdiff.pipelines.adjoint import MODES, sample_with_grad
+from steerdiff.pipelines.class_conditional import sample_shape
+from steerdiff.pipelines.conditioning import class_embeddings
+from steerdiff.pipelines.loading import load_pipeline
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,22 +68,25 @@ def run_case(pipe, classifier, steps: int, order: int, args) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         with SavedTensorMeter(exclude=list(unet.parameters()) + list(unet.buffers())) as meter:
-            res = sample_with_grad(unet, x_T, pipe.scheduler, mode=mode, **kw)
+            results[mode] = sample_with_grad(unet, x_T, pipe.scheduler, mode=mode, **kw)
         cuda_peak = None
         if device.type == "cuda":
             torch.cuda.synchronize()
             cuda_peak = torch.cuda.max_memory_allocated() - base
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            sample_with_grad(unet, x_T, pipe.scheduler, mode=mode, **kw)
+        rows.append({"steps": steps, "order": order, "mode": mode, "saved_bytes_peak": meter.peak_bytes,
+                     "state_bytes": results[mode].state_bytes, "cuda_max_memory_allocated": cuda_peak,
+                     "nfe": results[mode].nfe, "seconds_all": [], "cpu_seconds_all": []})
+    for _ in range(args.repeats):
+        for row in rows:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            sample_with_grad(unet, x_T, pipe.scheduler, mode=row["mode"], **kw)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        results[mode] = res
-        rows.append({"steps": steps, "order": order, "mode": mode, "saved_bytes_peak": meter.peak_bytes,
-                     "state_bytes": res.state_bytes, "cuda_max_memory_allocated": cuda_peak,
-                     "seconds": min(times), "seconds_all": times, "nfe": res.nfe})
+            row["seconds_all"].append(time.perf_counter() - start)
+            row["cpu_seconds_all"].append(time.process_time() - start_cpu)
+    for row in rows:
+        row["seconds"] = statistics.median(row["seconds_all"])
+        row["cpu_seconds"] = statistics.median(row["cpu_seconds_all"])
     ref = results["autograd"]
     for row in rows:
         res = results[row["mode"]]
@@ -91,7 +94,9 @@ def run_case(pipe, classifier, steps: int, order: int, args) -> list[dict]:
                                 ("weights", flat_params(res), flat_params(ref))):
             row[f"cos_{name}"] = cosine(got, want)
             row[f"rel_{name}"] = relative_error(got, want)
-        row["time_vs_autograd"] = row["seconds"] / next(r["seconds"] for r in rows if r["mode"] == "autograd")
+        auto = next(r for r in rows if r["mode"] == "autograd")
+        row["time_vs_autograd"] = row["seconds"] / auto["seconds"]
+        row["cpu_time_vs_autograd"] = row["cpu_seconds"] / auto["cpu_seconds"]
     return rows
 
 
@@ -104,15 +109,16 @@ def markdown(rows: list[dict]) -> str:
     lines = [
         "| order | steps | mode | saved for backward (peak) | carried states | total |"
         + (" CUDA max allocated |" if cuda else "")
-        + " time | time / autograd | cos x_T | rel x_T | cos emb | rel emb | cos weights | rel weights |",
-        "|---|---|---|---|---|---|" + ("---|" if cuda else "") + "---|---|---|---|---|---|---|---|",
+        + " wall time | CPU time | time / autograd (wall, CPU) | cos x_T | rel x_T | cos emb | rel emb | cos weights |"
+        " rel weights |",
+        "|---|---|---|---|---|---|" + ("---|" if cuda else "") + "---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['order']} | {r['steps']} | {r['mode']} | {fmt_bytes(r['saved_bytes_peak'])} | {fmt_bytes(r['state_bytes'])} | "
             f"{fmt_bytes(r['saved_bytes_peak'] + r['state_bytes'])} |"
             + (f" {fmt_bytes(r['cuda_max_memory_allocated'])} |" if cuda else "")
-            + f" {r['seconds']:.2f} s | {r['time_vs_autograd']:.2f} | "
+            + f" {r['seconds']:.2f} s | {r['cpu_seconds']:.2f} s | {r['time_vs_autograd']:.2f}, {r['cpu_time_vs_autograd']:.2f} | "
             f"{r['cos_x_T']:.6f} | {r['rel_x_T']:.2e} | {r['cos_embedding']:.6f} | {r['rel_embedding']:.2e} | "
             f"{r['cos_weights']:.6f} | {r['rel_weights']:.2e} |"
         )
@@ -145,7 +151,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--guidance-scale", type=float, default=2.0)
     p.add_argument("--target-class", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the rows here (atomically)")
