@@ -21,7 +21,7 @@ from steerdiff.pipelines.conditioning import class_embeddings
 from steerdiff.testbeds.mixture import GaussianMixtureDenoiser
 
 F64 = torch.float64
-SCHED = DDPMScheduler()  # linear betas 1e-4..0.02, 1000 steps: the digits schedule
+SCHED = DDPMScheduler(timestep_spacing="trailing")  # linear betas 1e-4..0.02, 1000 steps: the digits schedule
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,6 +119,9 @@ def test_forward_is_ddim_and_dpm_solver_2m():
     ddim = sample_ddim(lambda x, t: model(x, t).sample, x, NoiseSchedule.from_config(SCHED.config), grid)
     assert torch.allclose(first.x0, ddim, rtol=0, atol=1e-12)
     assert torch.equal(sample(model, x, SCHED, timesteps=grid), first.x0)
+    # num_inference_steps takes the scheduler config's timestep spacing (the digits model's is "trailing")
+    spaced = sample_with_grad(model, x, SCHED, num_inference_steps=4, grad_x0=torch.ones_like(x), mode="checkpoint")
+    assert torch.equal(spaced.timesteps, with_final(spaced_timesteps(1000, 4, "trailing")))
 
     # order 2 = diffusers' DPM-Solver (noise prediction) 2M, midpoint, ending at sigma_min with lower_order_final
     ref = DPMSolverMultistepScheduler(algorithm_type="dpmsolver", solver_order=2, solver_type="midpoint",
@@ -356,6 +359,8 @@ def test_rejects_bad_mode_order_and_steps(small):
         sample_with_grad(model, x, SCHED, num_inference_steps=0, grad_x0=g)
     with pytest.raises(ValueError, match="exactly one of num_inference_steps"):
         sample_with_grad(model, x, SCHED, grad_x0=g)
+    with pytest.raises(ValueError, match="timestep_spacing must be one of"):
+        sample_with_grad(model, x, SCHED, num_inference_steps=3, timestep_spacing="uniform", grad_x0=g)
     with pytest.raises(ValueError, match="strictly decreasing"):
         sample_with_grad(model, x, SCHED, timesteps=torch.tensor([10, 500, -1]), grad_x0=g)
 

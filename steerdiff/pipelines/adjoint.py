@@ -318,16 +318,16 @@ _MODE_FNS = {"adjoint": _adjoint, "checkpoint": _checkpoint, "autograd": _autogr
 
 
 # -- argument handling -------------------------------------------------------------------------------------
-def _as_schedule(schedule) -> tuple[NoiseSchedule, str | None]:
-    """A NoiseSchedule, and the prediction type the scheduler config states (if any)."""
+def _as_schedule(schedule) -> tuple[NoiseSchedule, Mapping]:
+    """A NoiseSchedule, and the scheduler config it came from (empty for a NoiseSchedule)."""
     if isinstance(schedule, NoiseSchedule):
-        return schedule, None
+        return schedule, {}
     config = schedule.config if hasattr(schedule, "config") and not isinstance(schedule, Mapping) else schedule
     if not isinstance(config, Mapping):
         raise ValueError(
             f"schedule must be a steerdiff NoiseSchedule, a diffusers scheduler or its config, got {type(schedule).__name__}"
         )
-    return NoiseSchedule.from_config(config), config.get("prediction_type")
+    return NoiseSchedule.from_config(config), config
 
 
 def resolve_params(model: nn.Module, params) -> dict[str, torch.Tensor]:
@@ -421,10 +421,12 @@ def _setup(model, x_T, schedule, num_inference_steps, timesteps, timestep_spacin
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if not torch.is_tensor(x_T) or not x_T.is_floating_point() or x_T.ndim < 2:
         raise ValueError("x_T must be a floating-point tensor (B, ...) of initial noise")
-    noise_schedule, config_prediction = _as_schedule(schedule)
+    noise_schedule, config = _as_schedule(schedule)
     if prediction_type is None:
-        prediction_type = getattr(model, "config", {}).get("prediction_type") or config_prediction or "epsilon"
+        prediction_type = getattr(model, "config", {}).get("prediction_type") or config.get("prediction_type") or "epsilon"
     check_prediction_type(prediction_type)
+    if timestep_spacing is None:
+        timestep_spacing = config.get("timestep_spacing", "linspace")
     ts = _resolve_timesteps(noise_schedule, num_inference_steps, timesteps, timestep_spacing)
     grid = _grid(noise_schedule, ts, x_T.device)
     denoiser = GuidedDenoiser(model, guidance_scale, uncond_conditioning)
@@ -440,7 +442,7 @@ def sample(
     *,
     num_inference_steps: int | None = None,
     timesteps: torch.Tensor | None = None,
-    timestep_spacing: str = "linspace",
+    timestep_spacing: str | None = None,
     conditioning: torch.Tensor | None = None,
     uncond_conditioning: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
@@ -460,7 +462,7 @@ def sample_with_grad(
     *,
     num_inference_steps: int | None = None,
     timesteps: torch.Tensor | None = None,
-    timestep_spacing: str = "linspace",
+    timestep_spacing: str | None = None,
     conditioning: torch.Tensor | None = None,
     uncond_conditioning: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
@@ -479,7 +481,8 @@ def sample_with_grad(
         x_T: the initial noise (B, C, H, W); its dtype and device are the sampler's.
         schedule: a :class:`~steerdiff.core.NoiseSchedule`, a diffusers scheduler or its config.
         num_inference_steps: N; the grid is ``with_final(spaced_timesteps(T, N, timestep_spacing))``, ending at
-            the clean end.  Or give ``timesteps`` (a decreasing grid of N + 1 timesteps, fractional allowed).
+            the clean end, with the scheduler config's ``timestep_spacing`` unless given ("linspace" for a
+            NoiseSchedule).  Or give ``timesteps`` (a decreasing grid of N + 1 timesteps, fractional allowed).
         conditioning: class labels (B,) long, class embeddings (B, E) / (1, E), or encoder_hidden_states
             (B, L, D) / (1, L, D).  A float tensor gets a gradient.
         uncond_conditioning: the unconditional branch's conditioning for CFG (default: the null class).
