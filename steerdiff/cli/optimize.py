@@ -46,7 +46,6 @@ class _Common(StrictModel):
     threads: int = Field(1, ge=1, description="torch intra-op threads (the digits problems are small)")
     seed: int = 0
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
-    iterations: int = Field(30, ge=1)
     upscale: int = Field(4, ge=1, le=64)
 
 
@@ -55,7 +54,8 @@ class NoiseTask(_Common):
     target_class: int = Field(3, ge=0, le=9)
     source_class: int | None = Field(None, ge=0, le=9)
     num_samples: int = Field(32, ge=1)
-    lr: float = Field(0.05, gt=0)
+    iterations: int = Field(60, ge=1)
+    lr: float = Field(0.1, gt=0)
     proximity_weight: float = Field(1.0, ge=0)
     keep_norm: bool = True
     output: str = "outputs/adjoint/noise"
@@ -64,10 +64,11 @@ class NoiseTask(_Common):
 class EmbeddingTask(_Common):
     task: Literal["embedding"] = "embedding"
     target_class: int = Field(7, ge=0, le=9)
-    init_class: int = Field(1, ge=0, le=10)
+    init_class: int = Field(10, ge=0, le=10)
     num_samples: int = Field(16, ge=1)
     eval_samples: int = Field(50, ge=1)
-    lr: float = Field(0.05, gt=0)
+    iterations: int = Field(40, ge=1)
+    lr: float = Field(0.1, gt=0)
     output: str = "outputs/adjoint/embedding"
 
 
@@ -78,9 +79,10 @@ class FinetuneTask(_Common):
     lora_targets: list[str] = Field(default_factory=lambda: ["conv1", "conv2"], min_length=1)
     samples_per_class: int = Field(2, ge=1)
     eval_samples_per_class: int = Field(5, ge=1)
+    iterations: int = Field(40, ge=1)
     lr: float = Field(1e-3, gt=0)
     style_weight: float = Field(1.0, ge=0)
-    class_weight: float = Field(0.1, ge=0)
+    class_weight: float = Field(0.5, ge=0)
     temperature: float = Field(0.1, gt=0)
     output: str = "outputs/adjoint/finetune"
 
