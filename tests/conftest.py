@@ -37,3 +37,12 @@ def tiny_model_dir(tmp_path, tiny_pipe):
     folder = tmp_path / "tiny"
     tiny_pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny problems: two threads on a busy 2-core machine spin-wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import benchmark, generate, restore
+from . import benchmark, generate, optimize, restore
 from .config import ConfigError
 
-COMMANDS = (generate, benchmark, restore)
+COMMANDS = (generate, benchmark, restore, optimize)
 
 
 def build_parser() -> argparse.ArgumentParser:

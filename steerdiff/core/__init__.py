@@ -7,6 +7,7 @@ from .sampling import SAMPLERS, get_sampler, sample_ddim, sample_dpmpp_2m, sampl
 from .schedule import BETA_SCHEDULES, NoiseSchedule
 from .sde import ancestral_step, sample_noise
 from .stability import real_axis_stability_edge
+from .steps import dpm_solver_2m_eps
 from .steps import dpmpp_2m_data, dpmpp_2m_first_order, euler_step, exp_neg_h, exponential_step, step_ratio
 from .tensors import batch_dot, batch_norm, check_finite, expand_to
 from .timesteps import TIMESTEP_SPACINGS, spaced_timesteps, with_final
@@ -18,5 +19,5 @@ __all__ = [
     "exp_neg_h", "expand_to", "exponential_step", "from_eps", "from_x0", "get_sampler", "ghvb_direction", "heavy_ball",
     "order_and_beta", "plms_hb_direction", "real_axis_stability_edge", "sample_ddim",
     "sample_dpmpp_2m", "sample_noise", "sample_plms", "spaced_timesteps", "step_ratio", "to_eps", "to_x0",
-    "with_final",
+    "with_final", "dpm_solver_2m_eps",
 ]

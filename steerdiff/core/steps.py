@@ -67,3 +67,16 @@ def dpmpp_2m_first_order(step_index: int, num_steps: int, lower_order_final: boo
     if step_index == 0:
         return True
     return step_index == num_steps - 1 and (ends_clean or (lower_order_final and num_steps < 15))
+
+
+def dpm_solver_2m_eps(e0: torch.Tensor, e1: torch.Tensor, r0) -> torch.Tensor:
+    """Second-order multistep direction on noise predictions (DPM-Solver-2M, Lu et al. 2022, midpoint form):
+
+        x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) [E_0 + (E_0 - E_1) / (2 r0)],  r0 = h_prev / h,
+
+    i.e. :func:`euler_step` in (x_bar, sigma_bar) with the direction E_0 + (E_0 - E_1) / (2 r0), because
+    sigma_t (e^h - 1) = alpha_t (sigma_bar_s - sigma_bar_t).  The combination is the one DPM-Solver++ 2M takes
+    of data predictions (:func:`dpmpp_2m_data`); E_0 is the newest.  Any derivative of the ODE in
+    (x_bar, sigma_bar) may be combined this way (the AdjointDPM adjoint states use it too).
+    """
+    return dpmpp_2m_data(e0, e1, r0)
