@@ -17,13 +17,7 @@ from steerdiff.testbeds.digits import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The model's calls are tiny; one intra-op thread avoids waiting on a busy core (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny calls: one intra-op thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
