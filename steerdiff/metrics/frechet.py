@@ -60,8 +60,12 @@ def _sqrt_psd(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def _trace_sqrt(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-    root = _sqrt_psd(s1)
-    m = root @ s2 @ root
+    # With S1 = R R^T, M = R^T S2 R is symmetric PSD with the eigenvalues of S2 S1 (hence of S1 S2).  A Cholesky
+    # factor is the cheap R; a singular S1 (fewer samples than dimensions, dead features) has none and takes the
+    # symmetric square root instead.
+    chol, info = torch.linalg.cholesky_ex(s1)
+    root = chol if int(info) == 0 else _sqrt_psd(s1)
+    m = root.T @ s2 @ root
     m = 0.5 * (m + m.T)
     return torch.linalg.eigvalsh(m).clamp_min(0).sqrt().sum()
 

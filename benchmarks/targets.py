@@ -1,0 +1,161 @@
+"""Check the issues' benchmark targets against a finished (or partial) ``steerdiff benchmark`` run folder.
+
+Reads ``<run>/results.jsonl`` (one record per cell) and prints every comparison a target makes, with the numbers,
+and whether it holds; nothing is tuned or hard-coded here but the targets' own thresholds.
+
+    python -m benchmarks.targets momentum runs/benchmark/momentum
+    python -m benchmarks.targets guidance runs/benchmark/guidance
+
+momentum (issue 4): at NFE <= 10 and guidance >= 5, per model: the best momentum sampler (lowest FD) beats every
+diffusers solver on FD and on the magnitude score, and each heavy-ball variant's magnitude score is below its base
+solver's (PLMS4-HB vs PNDM (PLMS), DPM-Solver++-HB vs DPM-Solver++ 2M).
+guidance (issue 5): at w >= 9 APG's magnitude score / out-of-range fraction is below CFG's while its FD is equal
+or better (within 3%); linear and cosine schedules beat constant CFG of the same mean weight on FD; AdaptiveGuidance
+saves >= 25% of network evaluations with FD within 3% of CFG's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+MOMENTUM_PREFIXES = ("PLMS4-HB", "DPM-Solver++-HB", "GHVB")
+HB_BASE = {"PLMS4-HB": "PNDM (PLMS)", "DPM-Solver++-HB": "DPM-Solver++ 2M"}
+
+
+def load(run: Path) -> list[dict]:
+    path = run / "results.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: run the benchmark first")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _scale(record: dict) -> float | None:
+    spec = record["guidance_spec"]
+    scale = spec.get("scale")
+    if spec["name"] == "cfg" and isinstance(scale, (int, float)):
+        return float(scale)
+    inner = spec.get("kwargs", {}).get("rule")
+    if isinstance(scale, dict):
+        return float(scale["w0"])
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    if isinstance(inner, dict):
+        return float(inner["scale"])
+    return None
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _metric(record: dict, key: str):
+    if record["status"] != "ok":
+        return float("inf")  # a diverged cell loses every comparison
+    return record["metrics"].get(key)
+
+
+def momentum(records: list[dict]) -> int:
+    failures = 0
+    cells = [r for r in records if r["nfe"] <= 10 and (_scale(r) or 0) >= 5]
+    for model in sorted({r["model"] for r in cells}):
+        for (scale, nfe) in sorted({(_scale(r), r["nfe"]) for r in cells if r["model"] == model}):
+            group = [r for r in cells if r["model"] == model and _scale(r) == scale and r["nfe"] == nfe]
+            ours = [r for r in group if r["scheduler"].startswith(MOMENTUM_PREFIXES)]
+            theirs = [r for r in group if not r["scheduler"].startswith(MOMENTUM_PREFIXES)]
+            if not ours or not theirs:
+                continue
+            best = min(ours, key=lambda r: _metric(r, "fd"))
+            fd_ok = all(_metric(best, "fd") < _metric(r, "fd") for r in theirs)
+            mag_ok = all(_metric(best, "magnitude_score") < _metric(r, "magnitude_score") for r in theirs)
+            best_theirs_fd = min(theirs, key=lambda r: _metric(r, "fd"))
+            best_theirs_mag = min(theirs, key=lambda r: _metric(r, "magnitude_score"))
+            print(f"{model} w={scale:g} NFE={nfe}: best momentum {best['scheduler']} FD {_fmt(_metric(best, 'fd'))} "
+                  f"mag {_fmt(_metric(best, 'magnitude_score'))} | best diffusers FD {best_theirs_fd['scheduler']} "
+                  f"{_fmt(_metric(best_theirs_fd, 'fd'))}, mag {best_theirs_mag['scheduler']} "
+                  f"{_fmt(_metric(best_theirs_mag, 'magnitude_score'))} -> FD {'beats' if fd_ok else 'does NOT beat'}, "
+                  f"divergence {'beats' if mag_ok else 'does NOT beat'} every diffusers solver")
+            failures += (not fd_ok) + (not mag_ok)
+            by_name = {r["scheduler"]: r for r in group}
+            for name, r in sorted(by_name.items()):
+                prefix = next((p for p in HB_BASE if name.startswith(p)), None)
+                if prefix is None or HB_BASE[prefix] not in by_name:
+                    continue
+                base = by_name[HB_BASE[prefix]]
+                ok = _metric(r, "magnitude_score") < _metric(base, "magnitude_score")
+                failures += not ok
+                print(f"    {name} mag {_fmt(_metric(r, 'magnitude_score'))} vs {base['scheduler']} "
+                      f"{_fmt(_metric(base, 'magnitude_score'))}: {'less' if ok else 'NOT less'} divergence")
+    print(f"{failures} comparison(s) against the targets failed")
+    return 0
+
+
+def guidance(records: list[dict]) -> int:
+    failures = 0
+    ok_records = [r for r in records if r["status"] == "ok"]
+
+    def find(label_prefix: str, scale: float, exact: bool = False):
+        for r in ok_records:
+            name = r["guidance"]
+            hit = name == f"{label_prefix} {scale:g}" if exact else name.startswith(f"{label_prefix} {scale:g}")
+            if hit and _scale(r) == scale:
+                return r
+        return None
+
+    for model in sorted({r["model"] for r in ok_records}):
+        rows = [r for r in ok_records if r["model"] == model]
+        scales = sorted({_scale(r) for r in rows if _scale(r) and _scale(r) > 1})
+        print(f"== {model}")
+        for w in scales:
+            cfg = next((r for r in rows if r["guidance"] == f"CFG {w:g}"), None)
+            if cfg is None:
+                continue
+            fd_c, mag_c, oor_c = (cfg["metrics"][k] for k in ("fd", "magnitude_score", "out_of_range"))
+            calls_c = cfg["network_calls"]["evaluations_per_sample"]
+            print(f"w={w:g} CFG: FD {fd_c:.4g}, mag {mag_c:.4g}, out-of-range {oor_c:.4g}, evaluations/sample {calls_c:g}")
+            for r in rows:
+                if _scale(r) != w or r is cfg:
+                    continue
+                m = r["metrics"]
+                calls = r["network_calls"]["evaluations_per_sample"]
+                print(f"    {r['guidance']:<22} FD {m['fd']:.4g} ({m['fd'] / fd_c - 1:+.1%}), mag {m['magnitude_score']:.4g}, "
+                      f"out-of-range {m['out_of_range']:.4g}, evaluations/sample {calls:g} ({calls / calls_c - 1:+.1%})")
+            if w >= 9:
+                for r in rows:
+                    if _scale(r) == w and r["guidance"].startswith("APG"):
+                        m = r["metrics"]
+                        ok = m["magnitude_score"] < mag_c and m["out_of_range"] < oor_c and m["fd"] <= 1.03 * fd_c
+                        failures += not ok
+                        print(f"  target APG (w >= 9): {r['guidance']}: divergence and saturation below CFG's at equal "
+                              f"or better FD: {'holds' if ok else 'does NOT hold'}")
+            for sched in ("linear", "cosine"):
+                r = next((x for x in rows if x["guidance"] == f"{sched} {w:g}"), None)
+                if r is not None:
+                    ok = r["metrics"]["fd"] < fd_c
+                    failures += not ok
+                    print(f"  target schedule: {sched} {w:g} FD {r['metrics']['fd']:.4g} vs CFG {fd_c:.4g}: "
+                          f"{'beats' if ok else 'does NOT beat'} constant CFG")
+            r = next((x for x in rows if x["guidance"] == f"AG {w:g}"), None)
+            if r is not None:
+                saved = 1 - r["network_calls"]["evaluations_per_sample"] / calls_c
+                within = abs(r["metrics"]["fd"] / fd_c - 1) <= 0.03
+                ok = saved >= 0.25 and within
+                failures += not ok
+                print(f"  target AdaptiveGuidance: saves {saved:.1%} of evaluations, FD {r['metrics']['fd'] / fd_c - 1:+.1%}"
+                      f" vs CFG: {'holds' if ok else 'does NOT hold'}")
+    print(f"{failures} comparison(s) against the targets failed")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("which", choices=("momentum", "guidance"))
+    p.add_argument("run", type=Path, help="the benchmark's output_dir")
+    args = p.parse_args(argv)
+    records = load(args.run)
+    return momentum(records) if args.which == "momentum" else guidance(records)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
