@@ -32,6 +32,32 @@ def test_shipped_baselines_config_is_the_issue_grid():
     assert [g.scale for g in cfg.guidance] == [1, 5] and cfg.nfe == [5, 6, 8, 10, 15, 20, 50]
 
 
+def test_shipped_momentum_config_is_the_issue_grid():
+    cfg = load_config(BenchmarkConfig, "configs/benchmark/momentum.yaml")
+    assert [m.model for m in cfg.models] == ["digits", "mixture"]
+    ours = [(s.name, s.kwargs.get("beta"), s.kwargs.get("momentum_number")) for s in cfg.schedulers[5:]]
+    assert ours == [("plms_hb", 0.8, None), ("plms_hb", 0.9, None), ("dpmpp_2m_hb", 0.8, None), ("ghvb", None, 1.5),
+                    ("ghvb", None, 2.5), ("ghvb", None, 3.5), ("ghvb", None, 3.8)]
+    assert [s.name for s in cfg.schedulers[:5]] == ["ddim", "plms", "dpmpp_2m", "unipc", "euler"]
+    assert [g.scale for g in cfg.guidance] == [1, 5, 9] and cfg.nfe == [5, 6, 8, 10, 15, 20]
+    for spec in cfg.schedulers:  # every entry builds from the digits model's scheduler config
+        make_scheduler(spec.name, load_pipeline("digits").scheduler.config, **spec.kwargs)
+
+
+def test_shipped_guidance_config_covers_every_rule_at_every_scale():
+    from steerdiff.benchmark.guidance import build_guidance
+
+    cfg = load_config(BenchmarkConfig, "configs/benchmark/guidance.yaml")
+    names = {(g.name, str(g.scale.get("schedule") if isinstance(g.scale, dict) else "")) for g in cfg.guidance}
+    assert names >= {("cfg", ""), ("apg", ""), ("cfg_rescale", ""), ("cfg_zero_star", ""), ("cfg", "linear"),
+                     ("cfg", "cosine"), ("interval", ""), ("adaptive", ""), ("linear_ag", "")}
+    for g in cfg.guidance:
+        scale = g.scale["w0"] if isinstance(g.scale, dict) else g.scale if g.scale is not None else g.kwargs["rule"]["scale"]
+        assert scale in (1, 3, 5, 9, 15)
+        if g.name != "linear_ag":  # LinearAG reads the calibration file scripts/calibrate_linear_ag.py writes
+            build_guidance(g)
+
+
 @pytest.mark.parametrize("name,expected", [("ddim", 7), ("plms", 6), ("heun", 4), ("dpmpp_2m", 7)])
 def test_steps_for_nfe_counts_loop_iterations(name, expected):
     assert steps_for_nfe(make_scheduler(name), 7) == expected  # PNDM: N + 1 calls; Heun: 2N - 1
