@@ -446,7 +446,7 @@ def sample(
     conditioning: torch.Tensor | None = None,
     uncond_conditioning: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
-    order: int = 1,
+    order: int = 2,
     prediction_type: str | None = None,
 ) -> torch.Tensor:
     """x_0 from x_T with exactly the forward pass of :func:`sample_with_grad` (same arguments), without gradients."""
@@ -470,7 +470,7 @@ def sample_with_grad(
     grad_x0: torch.Tensor | None = None,
     params: None | str | Sequence[str] | Mapping[str, torch.Tensor] = None,
     mode: str = "adjoint",
-    order: int = 1,
+    order: int = 2,
     prediction_type: str | None = None,
 ) -> AdjointResult:
     """Generate x_0 from x_T with a deterministic sampler and return the gradients of L(x_0).
@@ -491,7 +491,9 @@ def sample_with_grad(
         params: parameters to differentiate: None, ``"all"`` (those requiring grad), names, or a name -> tensor
             mapping (e.g. LoRA adapters).  Each must require grad.
         mode: ``"adjoint"``, ``"checkpoint"`` or ``"autograd"`` (see the module docstring).
-        order: 1 (DDIM / DPM-Solver-1) or 2 (DPM-Solver-2M on eps) for the forward and the adjoint solve.
+        order: 1 (DDIM / DPM-Solver-1) or 2 (DPM-Solver-2M on eps, the default) for the forward and the adjoint
+            solve.  AdjointDPM solves both with DPM-Solver; at 50 steps on the digits model order 2's adjoint
+            gradient has cosine 0.9998 to the exact one, order 1's 0.987 (docs/benchmarks/adjoint.md).
         prediction_type: of the model's output; default: the model's or scheduler's config, else "epsilon".
     """
     if mode not in MODES:
