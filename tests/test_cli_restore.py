@@ -157,3 +157,15 @@ def test_run_errors(tmp_path, tiny_model_dir, image_folder, capsys):
     cfg = write_config(tmp_path, model=str(tiny_model_dir), data={"source": str(tmp_path / "nowhere")})
     assert main(["restore", "--config", str(cfg)]) == 2
     assert "neither 'digits' nor an existing folder" in capsys.readouterr().err
+
+
+def test_markdown_table_reports_the_fd_of_the_originals():
+    from steerdiff.cli.restore import markdown_table
+
+    cell = {"task": "box", "sigma_y": 0.05, "method": "dps 0.5", "psnr": 18.6, "network_calls": 100,
+            "backward_calls": 100, "wall_s": 31.3, "num_images": 100}
+    assert "original images" not in markdown_table([cell])  # no FD computed: no floor line
+    table = markdown_table([{**cell, "fd": 65.7, "fd_originals": 50.583}])
+    assert "| box | 0.05 | dps 0.5 | 18.60 | 65.70 | 100 / 100 | 31.3 |" in table
+    assert table.endswith("FD of the 100 original images themselves: 50.58 (the floor for this number of images; "
+                          "compare FDs with it, not with 0)\n")

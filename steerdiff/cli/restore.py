@@ -6,7 +6,7 @@ For every task (an operator and a measurement noise sigma_y) and every method of
 (a temporary file renamed into place, so an interrupted run leaves no half-written file):
 
 - ``results.jsonl``   one record per (task, method): metrics, network calls, wall time, the cell's fingerprint;
-- ``table.md``        the same as a Markdown table;
+- ``table.md``        the same as a Markdown table, with the FD of the originals themselves (the floor at this N);
 - ``<task>.png``      a grid: originals, measurements (A^+ y, or y where it is an image; missing pixels grey),
                       then one row per method;
 - ``<task>/<method>.safetensors``  the restorations (float32, in [-1, 1] model space).
@@ -314,6 +314,10 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
             cells = [fmt.format(r[key]) if key in r else "" for key, _, fmt in cols]
             cells += [f"{r['network_calls']} / {r['backward_calls']}", f"{r['wall_s']:.1f}"]
         lines.append("| " + " | ".join([r["task"], f"{r['sigma_y']:g}", r["method"]] + cells) + " |")
+    floor = next((r for r in records if "fd_originals" in r), None)
+    if floor is not None:  # FD is strongly biased upwards at small N: show what the originals themselves score
+        lines += ["", f"FD of the {floor['num_images']} original images themselves: {floor['fd_originals']:.2f} "
+                      "(the floor for this number of images; compare FDs with it, not with 0)"]
     return "\n".join(lines) + "\n"
 
 
