@@ -4,7 +4,7 @@ Reads ``<run>/results.jsonl`` (one record per cell) and prints every comparison 
 and whether it holds; nothing is tuned or hard-coded here but the targets' own thresholds.
 
     python -m benchmarks.targets momentum runs/benchmark/momentum
-    python -m benchmarks.targets guidance runs/benchmark/guidance
+    python -m benchmarks.targets guidance runs/benchmark/guidance [--plot docs/benchmarks/img/guidance.png]
 
 momentum (issue 4): at NFE <= 10 and guidance >= 5, per model: the best momentum sampler (lowest FD) beats every
 diffusers solver on FD and on the magnitude score, and each heavy-ball variant's magnitude score is below its base
@@ -148,12 +148,45 @@ def guidance(records: list[dict]) -> int:
     return 0
 
 
+def _family(label: str) -> str:
+    """'APG 9 r2.5' -> 'APG r2.5', 'CFG 9' -> 'CFG': the rule without its scale."""
+    return " ".join(part for part in label.split() if not part.replace(".", "", 1).isdigit())
+
+
+def plot_guidance(records: list[dict], path: Path) -> Path:
+    """FD, magnitude score and out-of-range fraction against the guidance scale, one line per rule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r["status"] == "ok" and (_scale(r) or 0) > 1]
+    keys = (("fd", "FD (digits features)"), ("magnitude_score", "magnitude score"), ("out_of_range", "fraction outside [-1, 1]"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), constrained_layout=True)
+    for family in dict.fromkeys(_family(r["guidance"]) for r in rows):
+        group = sorted((r for r in rows if _family(r["guidance"]) == family), key=_scale)
+        for ax, (key, _) in zip(axes, keys):
+            ax.plot([_scale(r) for r in group], [r["metrics"][key] for r in group], marker="o", label=family)
+    for ax, (_, title) in zip(axes, keys):
+        ax.set_xscale("log")
+        ax.set_xlabel("guidance scale w (mean weight for schedules)")
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("which", choices=("momentum", "guidance"))
     p.add_argument("run", type=Path, help="the benchmark's output_dir")
+    p.add_argument("--plot", type=Path, default=None, help="guidance: also write this PNG (metrics against the scale)")
     args = p.parse_args(argv)
     records = load(args.run)
+    if args.plot is not None and args.which == "guidance":
+        print(f"wrote {plot_guidance(records, args.plot)}")
     return momentum(records) if args.which == "momentum" else guidance(records)
 
 

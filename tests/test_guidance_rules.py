@@ -72,9 +72,27 @@ def test_cfg_zero_star_formula_and_zero_init():
     c, u = randn(B, *SHAPE, seed=1), randn(B, *SHAPE, seed=2)
     rule = CFGZeroStar(5.0, zero_init_steps=2)
     for step in (0, 1):
-        assert torch.equal(rule(c, u, make_state(step=step)), torch.zeros_like(c))
+        state = make_state(step=step)
+        kept = state.sample / (state.alpha + state.sigma).reshape(-1, 1, 1, 1)  # keeps x / (alpha + sigma) fixed
+        assert torch.allclose(rule(c, u, state), kept, atol=1e-12)
+        assert torch.equal(CFGZeroStar(5.0, 2, zero_init="zero")(c, u, state), torch.zeros_like(c))
     a = (flat_dot(c, u) / flat_dot(u, u)).reshape(-1, 1, 1, 1)
     assert torch.allclose(rule(c, u, make_state(step=2)), a * u + 5.0 * (c - a * u), atol=1e-12)
+
+
+def test_cfg_zero_star_flow_zero_init_keeps_the_rectified_flow_sample():
+    """A DDIM step with the zero-init prediction leaves x / (alpha + sigma) unchanged (zero flow velocity)."""
+    from steerdiff.core.steps import euler_step
+
+    c, u = randn(B, *SHAPE, seed=1), randn(B, *SHAPE, seed=2)
+    state = make_state(t=999)
+    eps = CFGZeroStar(5.0)(c, u, state)
+    alpha, sigma = (v.reshape(-1, 1, 1, 1) for v in (state.alpha, state.sigma))
+    a2, s2 = (v.reshape(-1, 1, 1, 1) for v in SCHEDULE.alpha_sigma(torch.full((B,), 949.0, dtype=torch.float64)))
+    x_next = euler_step(state.sample, eps, alpha, sigma, a2, s2)
+    assert torch.allclose(x_next / (a2 + s2), state.sample / (alpha + sigma), atol=1e-12)
+    x_zero = euler_step(state.sample, torch.zeros_like(eps), alpha, sigma, a2, s2)  # zero eps does not keep it
+    assert not torch.allclose(x_zero / (a2 + s2), state.sample / (alpha + sigma), atol=1e-3)
 
 
 def apg_reference(cs, us, w, eta, r, beta):
@@ -212,6 +230,7 @@ def test_adaptive_guidance_stops_per_sample_after_the_cosine_passes_the_threshol
         (lambda: CFGRescale(5.0, phi=1.5), r"phi must lie in \[0, 1\]"),
         (lambda: CFGRescale(5.0, space="x0"), "space must be one of"),
         (lambda: CFGZeroStar(5.0, zero_init_steps=-1), "zero_init_steps must be an integer >= 0"),
+        (lambda: CFGZeroStar(5.0, zero_init="none"), "zero_init must be one of"),
         (lambda: AdaptiveGuidance(CFG(3.0), threshold=1.5), r"threshold must lie in \[-1, 1\]"),
         (lambda: AdaptiveGuidance(CFG(3.0), threshold=-1.01), r"threshold must lie in \[-1, 1\]"),
         (lambda: AdaptiveGuidance(CFG(3.0), threshold=float("nan")), "threshold must be a finite number"),

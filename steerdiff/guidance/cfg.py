@@ -62,26 +62,43 @@ class CFGZeroStar(GuidanceRule):
 
         a* = <c, u> / ||u||^2   (per sample, float64);   g = a* u + w (c - a* u),
 
-    and output zero for the first ``zero_init_steps`` evaluations of a run.  The paper works on the velocity of
-    a flow-matching ODE; its VP counterpart is eps, the velocity of the ODE d x_bar / d sigma_bar = eps (zero eps
-    leaves x_bar = x / alpha where it is, as zero velocity leaves a flow sample), so the rule works on eps.
+    and "zero-init": zero velocity for the first ``zero_init_steps`` evaluations of a run.  The paper works on the
+    velocity of a rectified-flow ODE, x_rf = (1 - s) x0 + s eps; the rule works on eps.
+
+    Zero-init on a VP model (``zero_init="flow"``, the default).  A VP sample is a rectified-flow sample in other
+    coordinates: x_rf = x / (alpha + sigma) with s = sigma / (alpha + sigma).  Zero velocity keeps x_rf fixed,
+    which on the VP ODE d x_bar / d sigma_bar = eps (x_bar = x / alpha) is the prediction
+
+        eps = x / (alpha + sigma)        (equivalently x0 = x / (alpha + sigma)),
+
+    and DDIM and DPM-Solver++ steps with it keep x_rf exactly.  ``zero_init="zero"`` outputs eps = 0 instead,
+    as diffusers' guider zeroes the raw model output; that keeps x_bar fixed, which at the start of a schedule
+    whose sigma_bar falls fast (linear betas: 157 at t = 999) leaves the sample far noisier than the next noise
+    level, and the network then sees inputs out of its training range.
     """
 
     space = "epsilon"
 
-    def __init__(self, scale: float | WeightSchedule = 7.5, zero_init_steps: int = 1):
+    ZERO_INIT = ("flow", "zero")
+
+    def __init__(self, scale: float | WeightSchedule = 7.5, zero_init_steps: int = 1, zero_init: str = "flow"):
         self.scale = as_scale(scale)
         if isinstance(zero_init_steps, bool) or not isinstance(zero_init_steps, int) or zero_init_steps < 0:
             raise ValueError(f"zero_init_steps must be an integer >= 0, got {zero_init_steps!r}")
+        if zero_init not in self.ZERO_INIT:
+            raise ValueError(f"zero_init must be one of {self.ZERO_INIT}, got {zero_init!r}")
         self.zero_init_steps = zero_init_steps
+        self.zero_init = zero_init
 
     def combine(self, cond, uncond, state: GuidanceState):
         if state.step < self.zero_init_steps:
-            return torch.zeros_like(cond)
+            if self.zero_init == "zero":
+                return torch.zeros_like(cond)
+            return (state.sample / expand_to(state.alpha + state.sigma, state.sample)).to(cond.dtype)
         a = batch_dot(cond, uncond) / batch_norm(uncond).square().clamp_min(torch.finfo(torch.float64).tiny)
         scaled_uncond = expand_to(a, uncond) * uncond
         w = scale_at(self.scale, state, cond)
         return scaled_uncond + w * (cond - scaled_uncond)
 
     def __repr__(self) -> str:
-        return f"CFGZeroStar(scale={self.scale!r}, zero_init_steps={self.zero_init_steps})"
+        return f"CFGZeroStar(scale={self.scale!r}, zero_init_steps={self.zero_init_steps}, zero_init={self.zero_init!r})"
