@@ -136,13 +136,12 @@ def guidance(records: list[dict]) -> int:
                     failures += not ok
                     print(f"  target schedule: {sched} {w:g} FD {r['metrics']['fd']:.4g} vs CFG {fd_c:.4g}: "
                           f"{'beats' if ok else 'does NOT beat'} constant CFG")
-            r = next((x for x in rows if x["guidance"] == f"AG {w:g}"), None)
-            if r is not None:
+            for r in (x for x in rows if x["guidance"] in (f"AG {w:g}", f"AG x0 {w:g}")):
                 saved = 1 - r["network_calls"]["evaluations_per_sample"] / calls_c
                 within = abs(r["metrics"]["fd"] / fd_c - 1) <= 0.03
                 ok = saved >= 0.25 and within
                 failures += not ok
-                print(f"  target AdaptiveGuidance: saves {saved:.1%} of evaluations, FD {r['metrics']['fd'] / fd_c - 1:+.1%}"
+                print(f"  target AdaptiveGuidance ({r['guidance']}): saves {saved:.1%} of evaluations, FD {r['metrics']['fd'] / fd_c - 1:+.1%}"
                       f" vs CFG: {'holds' if ok else 'does NOT hold'}")
     print(f"{failures} comparison(s) against the targets failed")
     return 0

@@ -216,6 +216,20 @@ def test_adaptive_guidance_stops_per_sample_after_the_cosine_passes_the_threshol
     assert bool(never.guiding.all())  # cos(c, c) = 1 does not exceed 1
 
 
+def test_adaptive_guidance_compares_the_predictions_in_the_chosen_space():
+    """At high noise eps_c and eps_u share x_t / sigma_t: their cosine is ~1 while the x0 predictions differ."""
+    state = make_state(t=999)
+    alpha, sigma = (v.reshape(-1, 1, 1, 1) for v in (state.alpha, state.sigma))
+    x0_c, x0_u = randn(B, *SHAPE, seed=1), randn(B, *SHAPE, seed=2)  # unrelated data predictions: cos ~ 0
+    c, u = ((state.sample - alpha * x0) / sigma for x0 in (x0_c, x0_u))  # the same as eps predictions
+    eps_rule = AdaptiveGuidance(CFG(2.0), threshold=0.99)
+    eps_rule(c, u, state)
+    assert not bool(eps_rule.guiding.any())  # eps cosine passes 0.99 at the first evaluation
+    x0_rule = AdaptiveGuidance(CFG(2.0), threshold=0.99, similarity_space="sample")
+    x0_rule(c, u, state)
+    assert bool(x0_rule.guiding.all())
+
+
 # -- bad input ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "build,match",
@@ -233,6 +247,7 @@ def test_adaptive_guidance_stops_per_sample_after_the_cosine_passes_the_threshol
         (lambda: CFGZeroStar(5.0, zero_init="none"), "zero_init must be one of"),
         (lambda: AdaptiveGuidance(CFG(3.0), threshold=1.5), r"threshold must lie in \[-1, 1\]"),
         (lambda: AdaptiveGuidance(CFG(3.0), threshold=-1.01), r"threshold must lie in \[-1, 1\]"),
+        (lambda: AdaptiveGuidance(CFG(3.0), similarity_space="x0"), "similarity_space must be one of"),
         (lambda: AdaptiveGuidance(CFG(3.0), threshold=float("nan")), "threshold must be a finite number"),
         (lambda: GuidanceInterval(CFG(3.0), 2.0, 1.0), "sigma_high must exceed sigma_low"),
         (lambda: GuidanceInterval(CFG(3.0), -1.0, 1.0), r"sigma_low must lie in \[0, inf\]"),

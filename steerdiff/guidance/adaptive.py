@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.prediction import PREDICTION_TYPES
 from ..core.tensors import batch_dot, batch_norm
 from .base import GuidanceRule, GuidanceState, and_masks, check_scalar, from_space, mask_like, to_space
 
@@ -50,11 +51,19 @@ class AdaptiveGuidance(GuidanceRule):
     """Guide with ``rule`` until cos(eps_c, eps_u) > ``threshold`` for a sample, then conditional only.
 
     ``threshold`` lies in [-1, 1]; 1.0 never triggers (the cosine never exceeds 1), so the rule equals ``rule``.
+    ``similarity_space``: the predictions the cosine compares, "epsilon" (the paper's) or "sample" / "v_prediction".
+    At high noise both eps predictions are close to x_t / sigma_t, so their cosine starts near 1 whatever the
+    condition does; on a schedule whose sigma / alpha starts high (linear betas: 157 at t = 999) it passes 0.99 at
+    the first evaluation and guidance stops at once.  The data predictions x0 differ there, so "sample" lets the
+    switch follow the guidance signal instead.
     """
 
-    def __init__(self, rule: GuidanceRule, threshold: float = 0.99):
+    def __init__(self, rule: GuidanceRule, threshold: float = 0.99, similarity_space: str = "epsilon"):
         self.rule = _check_rule(rule)
         self.threshold = check_scalar(threshold, "threshold", low=-1.0, high=1.0)
+        if similarity_space not in PREDICTION_TYPES:
+            raise ValueError(f"similarity_space must be one of {PREDICTION_TYPES}, got {similarity_space!r}")
+        self.similarity_space = similarity_space
         self._guiding: torch.Tensor | None = None
 
     def reset(self, timesteps=None) -> None:
@@ -75,7 +84,8 @@ class AdaptiveGuidance(GuidanceRule):
             guiding = torch.ones(state.batch_size, dtype=torch.bool, device=cond.device)
         active = and_masks(state.active, guiding)
         guided = self.rule(cond, uncond, state.replace(active=active))
-        gamma = cosine_similarity(to_space(cond, state, "epsilon"), to_space(uncond, state, "epsilon"))
+        space = self.similarity_space
+        gamma = cosine_similarity(to_space(cond, state, space), to_space(uncond, state, space))
         converged = (gamma > self.threshold) & active
         if state.evaluated is not None:
             converged = converged & state.evaluated
@@ -83,7 +93,7 @@ class AdaptiveGuidance(GuidanceRule):
         return guided
 
     def __repr__(self) -> str:
-        return f"AdaptiveGuidance({self.rule!r}, threshold={self.threshold:g})"
+        return f"AdaptiveGuidance({self.rule!r}, threshold={self.threshold:g}, similarity_space={self.similarity_space!r})"
 
 
 def _skip_steps(skip, num_steps: int) -> torch.Tensor:
