@@ -162,12 +162,16 @@ def plot_guidance(records: list[dict], path: Path) -> Path:
     rows = [r for r in records if r["status"] == "ok" and (_scale(r) or 0) > 1]
     keys = (("fd", "FD (digits features)"), ("magnitude_score", "magnitude score"), ("out_of_range", "fraction outside [-1, 1]"))
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), constrained_layout=True)
-    for family in dict.fromkeys(_family(r["guidance"]) for r in rows):
+    families = list(dict.fromkeys(_family(r["guidance"]) for r in rows))
+    colors = plt.cm.tab20.colors
+    for n, family in enumerate(families):
         group = sorted((r for r in rows if _family(r["guidance"]) == family), key=_scale)
         for ax, (key, _) in zip(axes, keys):
-            ax.plot([_scale(r) for r in group], [r["metrics"][key] for r in group], marker="o", label=family)
+            ax.plot([_scale(r) for r in group], [r["metrics"][key] for r in group], marker="os^vD"[n % 5],
+                    color=colors[(2 * n) % 20 + (n >= 10)], label=family)
+    scales = sorted({_scale(r) for r in rows})
     for ax, (_, title) in zip(axes, keys):
-        ax.set_xscale("log")
+        ax.set_xticks(scales)
         ax.set_xlabel("guidance scale w (mean weight for schedules)")
         ax.set_title(title)
     axes[0].legend(fontsize=7)
