@@ -100,7 +100,8 @@ def within_class_spread(feats: torch.Tensor, labels: torch.Tensor, data_feats: t
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=DIGITS_MODEL_PATH, help="pipeline folder (default: the shipped digits model)")
+    p.add_argument("--model", type=Path, default=DIGITS_MODEL_PATH,
+                   help="pipeline folder (default: the shipped digits model), or 'mixture' for the analytic digits mixture")
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     p.add_argument("--guidance", nargs="+", type=float, default=[3.0, 1.0])
     p.add_argument("--steps", type=int, default=50)
@@ -121,7 +122,15 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    unet, ddpm = load_digits_model(path=args.model)
+    if str(args.model) == "mixture":  # the analytic mixture fitted to the digits, on the same trailing grid
+        from diffusers import DDPMScheduler
+
+        from steerdiff.pipelines.loading import load_pipeline
+
+        pipe = load_pipeline("mixture")
+        unet, ddpm = pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    else:
+        unet, ddpm = load_digits_model(path=args.model)
     classifier = load_digits_classifier()
     data_feats, data_labels, fd_halves, spread = data_statistics(args.seed)
     mu_data, sigma_data = feature_statistics(data_feats)
