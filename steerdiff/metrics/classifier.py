@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..weights import PICKLE_SUFFIXES
+
 CLASSIFIER_PATH = Path(__file__).resolve().parents[1] / "testbeds" / "assets" / "digits_classifier"
 """The shipped classifier folder: ``config.json`` and ``model.safetensors``."""
 
@@ -135,7 +137,7 @@ def _check_weights_file(folder: Path) -> Path:
         raise FileNotFoundError(f"classifier folder {str(folder)!r} does not exist")
     weights = folder / "model.safetensors"
     if not weights.is_file():
-        found = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".safetensors"})
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in (*PICKLE_SUFFIXES, ".safetensors"))
         raise ValueError(
             f"{str(folder)!r} holds no model.safetensors (found: {', '.join(found) or 'no weights file'}); "
             "the classifier is loaded with safetensors only, never from pickled .bin/.pt files"

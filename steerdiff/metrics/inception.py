@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..weights import PICKLE_SUFFIXES
+
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008  # the 2015-12-05 graph's classifier (1000 ImageNet classes + 8 unused)
 INPUT_SIZE = 299
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
 
 
 class BasicConv2d(nn.Module):

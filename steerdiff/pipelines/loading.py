@@ -16,27 +16,10 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from ..samplers.registry import make_scheduler
+from ..weights import check_safetensors_folder
 from .class_conditional import ClassConditionalPipeline
 
 BUILTIN_MODELS = ("digits", "mixture")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def check_safetensors_folder(folder: Path) -> None:
-    """Refuse a model folder whose weights are not safetensors, naming the file found."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model folder {str(folder)!r} has no config.json (diffusers' model folder format)")
-    if any(folder.glob("*.safetensors")):
-        return
-    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickled:
-        raise ValueError(
-            f"model folder {str(folder)!r} holds only pickled weights ({', '.join(pickled)}); steerdiff loads "
-            "safetensors only. Convert them once with safetensors.torch.save_file in a trusted environment."
-        )
-    raise FileNotFoundError(f"model folder {str(folder)!r} has no *.safetensors weights file")
 
 
 def _load_model_folder(folder: Path):

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..weights import check_safetensors_folder
+
 NUM_CLASSES = 10
 """Number of digit classes (0-9)."""
 
@@ -102,19 +104,6 @@ def load_digits_data(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
     return images[idx].contiguous(), labels[idx].contiguous()
 
 
-def _check_safetensors_folder(folder: Path) -> None:
-    """Refuse a component folder whose weights are not a safetensors file (no pickle is ever loaded)."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")
-    weights = sorted(p.name for p in folder.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl"})
-    if not any(name.endswith(".safetensors") for name in weights):
-        found = ", ".join(weights) if weights else "no weights file"
-        raise ValueError(
-            f"{str(folder)!r} holds no .safetensors weights (found: {found}); steerdiff loads weights with "
-            "safetensors only and never unpickles .bin/.pt/.ckpt files"
-        )
-
-
 def load_digits_model(device=None, dtype: torch.dtype = torch.float32, path: str | Path | None = None):
     """Load the shipped class-conditional digits model: returns ``(unet, scheduler)``.
 
@@ -127,7 +116,7 @@ def load_digits_model(device=None, dtype: torch.dtype = torch.float32, path: str
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
     folder = Path(path) if path is not None else DIGITS_MODEL_PATH
-    _check_safetensors_folder(folder / "unet")
+    check_safetensors_folder(folder / "unet")
     unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, torch_dtype=dtype)
     unet.eval().requires_grad_(False)
     if device is not None:
