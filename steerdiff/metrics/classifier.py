@@ -181,6 +181,15 @@ def _prepare(images) -> torch.Tensor:
     return dequantize(u8)
 
 
+def _in_batches(fn, images, batch_size: int, model: DigitsClassifier) -> list[torch.Tensor]:
+    """``fn`` on the quantized ``images`` in batches of ``batch_size`` on the model's device; results on the CPU."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dev = next(model.parameters()).device
+    x = _prepare(images)
+    return [fn(x[i : i + batch_size].to(dev)).cpu() for i in range(0, x.shape[0], batch_size)]
+
+
 @torch.no_grad()
 def digits_features(images, batch_size: int = 1000, classifier: DigitsClassifier | None = None, device=None) -> torch.Tensor:
     """Penultimate-layer features of the digits classifier, float64 (N, 64).
@@ -188,24 +197,16 @@ def digits_features(images, batch_size: int = 1000, classifier: DigitsClassifier
     ``images``: float (N, 1, 8, 8) or (N, 8, 8) in [-1, 1] (quantized to 8 bits first), or uint8 images
     already quantized.  ``classifier`` defaults to the shipped one.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model = classifier if classifier is not None else _cached_classifier(str(device or "cpu"))
-    dev = next(model.parameters()).device
-    x = _prepare(images)
-    out = [model.features(x[i : i + batch_size].to(dev)).to("cpu", torch.float64) for i in range(0, x.shape[0], batch_size)]
-    return torch.cat(out) if out else torch.empty(0, model.config["feature_dim"], dtype=torch.float64)
+    out = _in_batches(model.features, images, batch_size, model)
+    return torch.cat(out).to(torch.float64) if out else torch.empty(0, model.config["feature_dim"], dtype=torch.float64)
 
 
 @torch.no_grad()
 def classify_digits(images, batch_size: int = 1000, classifier: DigitsClassifier | None = None, device=None) -> torch.Tensor:
     """Predicted class ids (int64, (N,)) of images, after the same 8-bit quantization as ``digits_features``."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model = classifier if classifier is not None else _cached_classifier(str(device or "cpu"))
-    dev = next(model.parameters()).device
-    x = _prepare(images)
-    out = [model(x[i : i + batch_size].to(dev)).argmax(dim=1).cpu() for i in range(0, x.shape[0], batch_size)]
+    out = _in_batches(lambda x: model(x).argmax(dim=1), images, batch_size, model)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
 
