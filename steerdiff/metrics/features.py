@@ -164,11 +164,11 @@ def reference_images(dataset: str) -> tuple[torch.Tensor, str]:
 def reference_features(space: FeatureSpace, dataset: str = "digits", cache_dir: str | Path | None = None) -> torch.Tensor:
     """Features (float64 (N, d)) of a reference data set in ``space``, cached on disk."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    images, dataset_id = reference_images(dataset)
-    path = cache_dir / "reference" / f"{dataset_id}__{space.key()}__{space.resolution}px.npz"
+    path = cache_dir / "reference" / f"{reference_id(dataset)}__{space.key()}__{space.resolution}px.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as f:
             return torch.from_numpy(f["features"])
+    images, _ = reference_images(dataset)  # only on a cache miss
     features = space(images).to(torch.float64)
 
     def write(tmp: Path) -> None:
