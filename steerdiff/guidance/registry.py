@@ -11,10 +11,10 @@ Every keyword is checked against the rule's signature: a misspelt option is an e
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from ..options import check_options, named_options
 from .adaptive import AdaptiveGuidance, LinearAG
 from .apg import APG
 from .base import GuidanceRule
@@ -34,22 +34,12 @@ RULES: dict[str, type[GuidanceRule]] = {
 WRAPPERS = ("interval", "adaptive", "linear_ag")
 
 
-def _parameters(cls: type) -> list[str]:
-    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-
-def _check_kwargs(what: str, kwargs: Mapping[str, Any], allowed: list[str]) -> None:
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise ValueError(f"{what} has no option(s) {unknown}; allowed: {allowed}")
-
-
 def get_schedule(name: str, **kwargs: Any) -> WeightSchedule:
     """A weight schedule by name (``constant``, ``linear``, ``cosine``, ... see ``SCHEDULES``)."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown weight schedule {name!r}; available: {', '.join(SCHEDULES)}")
     cls = SCHEDULES[name]
-    _check_kwargs(f"schedule {name!r}", kwargs, _parameters(cls))
+    check_options(f"schedule {name!r}", kwargs, named_options(cls))
     return cls(**kwargs)
 
 
@@ -81,11 +71,11 @@ def get_rule(name: str, **kwargs: Any) -> GuidanceRule:
         raise ValueError(f"unknown guidance rule {name!r}; available: {', '.join(RULES)}")
     cls = RULES[name]
     if name == "linear_ag":
-        _check_kwargs("rule 'linear_ag'", kwargs, ["rule", "coefficients"])
+        check_options("rule 'linear_ag'", kwargs, ["rule", "coefficients"])
         if "rule" not in kwargs or "coefficients" not in kwargs:
             raise ValueError("rule 'linear_ag' needs 'rule' (the guidance to apply) and 'coefficients' (a LinearAG file)")
         return LinearAG.load(kwargs["coefficients"], _inner_rule(kwargs["rule"]))
-    _check_kwargs(f"rule {name!r}", kwargs, _parameters(cls))
+    check_options(f"rule {name!r}", kwargs, named_options(cls))
     kwargs = dict(kwargs)
     if "scale" in kwargs:
         kwargs["scale"] = _scale(kwargs["scale"])

@@ -15,7 +15,6 @@ stale statistics.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from ..atomic_io import atomic_write
+from ..options import check_options, named_options
 from .base import Metric, SampleSet
 
 REFERENCE_DATASETS = ("digits",)
@@ -128,10 +128,7 @@ def make_feature_space(name: str = "digits", **kwargs) -> FeatureSpace:
     if name not in FEATURE_SPACES:
         raise ValueError(f"unknown feature space {name!r}; available: {', '.join(FEATURE_SPACES)}")
     cls = FEATURE_SPACES[name]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"] if "__init__" in vars(cls) else []
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise ValueError(f"feature space {name!r} has no option(s) {unknown}; allowed: {allowed}")
+    check_options(f"feature space {name!r}", kwargs, named_options(cls))
     return cls(**kwargs)
 
 

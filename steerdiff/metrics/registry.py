@@ -15,8 +15,7 @@ log_likelihood     log_likelihood (exact, nats)                     GaussianMixt
 
 from __future__ import annotations
 
-import inspect
-
+from ..options import check_options, named_options, takes_any_option
 from .accuracy import ClassAccuracy
 from .base import Metric
 from .divergence import Divergence
@@ -40,10 +39,6 @@ def make_metric(name: str, **kwargs) -> Metric:
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; available: {', '.join(available_metrics())}")
     cls = METRICS[name]
-    params = {} if cls.__init__ is object.__init__ else dict(inspect.signature(cls.__init__).parameters)
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    allowed = sorted(n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD)
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown and not takes_any:
-        raise ValueError(f"metric {name!r} has no option(s) {unknown}; allowed: {allowed}")
+    if not takes_any_option(cls):  # a FeatureMetric passes its extra options on to its feature space, which checks them
+        check_options(f"metric {name!r}", kwargs, named_options(cls))
     return cls(**kwargs)

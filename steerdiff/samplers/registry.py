@@ -13,6 +13,8 @@ from typing import Any
 import diffusers
 from diffusers import SchedulerMixin
 
+from ..options import check_options, named_options
+
 # alias -> (class name, preset keyword arguments)
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
@@ -65,17 +67,10 @@ def resolve_scheduler(name: str) -> tuple[type, dict[str, Any]]:
     raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(available_schedulers())}")
 
 
-def scheduler_parameters(cls: type) -> set[str]:
-    return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")}
-
-
 def make_scheduler(name: str, base_config: Any = None, **kwargs: Any) -> SchedulerMixin:
     """``cls.from_config(base_config, **preset, **kwargs)`` with every keyword checked against the class."""
     cls, preset = resolve_scheduler(name)
-    allowed = scheduler_parameters(cls)
-    unknown = sorted(set(kwargs) - allowed)
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no option(s) {unknown}; allowed: {sorted(allowed)}")
+    check_options(cls.__name__, kwargs, named_options(cls))
     if base_config is None:
         return cls(**{**preset, **kwargs})
     if hasattr(base_config, "config") and not isinstance(base_config, dict):
