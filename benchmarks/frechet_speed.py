@@ -23,6 +23,8 @@ from steerdiff.metrics.frechet import feature_statistics, frechet_distance
 
 
 def textbook_fd(mu1, s1, mu2, s2) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2)) with scipy's matrix square root (pytorch-fid's route;
+    also the tests' reference)."""
     covmean = linalg.sqrtm(s1 @ s2)
     covmean = covmean.real if np.iscomplexobj(covmean) else covmean
     diff = mu1 - mu2

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 
 from steerdiff.metrics.frechet import feature_statistics, frechet_distance, frechet_distance_from_features, trace_sqrt_product
 
 
-def reference_fd(mu1, s1, mu2, s2) -> float:
-    """The textbook route (pytorch-fid): sqrtm of S1 S2 with scipy, real part of its trace."""
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    covmean = np.real(covmean)
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+from benchmarks.frechet_speed import textbook_fd as reference_fd  # the textbook route (pytorch-fid), scipy's sqrtm
 
 
 def random_covariance(rng, d, rank=None, scale=1.0):

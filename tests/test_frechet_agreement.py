@@ -5,17 +5,11 @@ benchmarks/frechet_speed.py."""
 import numpy as np
 import pytest
 import torch
-from scipy import linalg
 
 from steerdiff.metrics.frechet import feature_statistics, frechet_distance
 
 
-def textbook_fd(mu1, s1, mu2, s2) -> float:
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2)), with scipy's matrix square root."""
-    covmean = linalg.sqrtm(s1 @ s2)
-    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+from benchmarks.frechet_speed import textbook_fd
 
 
 def _feature_sets(d: int, n: int, seed: int = 0):
