@@ -56,7 +56,7 @@ def _check_covariance(sigma: torch.Tensor, name: str, d: int) -> torch.Tensor:
 def _sqrt_psd(sigma: torch.Tensor) -> torch.Tensor:
     """Symmetric square root of a PSD matrix via its eigendecomposition, negative eigenvalues clamped to 0."""
     evals, evecs = torch.linalg.eigh(sigma)
-    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    return (evecs * _clamp_round_off(evals).sqrt()) @ evecs.T
 
 
 def _trace_sqrt(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,16 @@ def _trace_sqrt(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     root = chol if int(info) == 0 else _sqrt_psd(s1)
     m = root.T @ s2 @ root
     m = 0.5 * (m + m.T)
-    return torch.linalg.eigvalsh(m).clamp_min(0).sqrt().sum()
+    return _clamp_round_off(torch.linalg.eigvalsh(m)).sqrt().sum()
+
+
+def _clamp_round_off(evals: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a PSD matrix with those below its numerical rank's tolerance (d * eps * max) set to 0.
+
+    Round-off leaves the zero eigenvalues of a rank-deficient matrix at about +-eps * max; their square roots
+    (~sqrt(eps) relative) would otherwise add noise of order 1e-8 to the trace and break its symmetry in S1, S2."""
+    tol = evals.numel() * torch.finfo(evals.dtype).eps * evals.abs().max().clamp_min(torch.finfo(evals.dtype).tiny)
+    return torch.where(evals > tol, evals, torch.zeros_like(evals))
 
 
 def trace_sqrt_product(sigma1, sigma2) -> float:
