@@ -58,8 +58,8 @@ def test_matches_a_hand_written_loop_from_the_papers(tiny64, method):
     pipe = pipeline(tiny64, DDPMScheduler(clip_sample=False), method)
     got = pipe(y, op, num_inference_steps=steps, generator=gens(5, 6, 7), latents=latents, output_type="latent").images
 
-    sched = DDPMScheduler(clip_sample=False)
-    sched.set_timesteps(timesteps=spaced_timesteps(1000, steps, "linspace").tolist())
+    sched = DDPMScheduler(clip_sample=False, timestep_spacing="linspace")  # T - 1 down to 0, both included
+    sched.set_timesteps(steps)
     ac = sched.alphas_cumprod.to(F64)
     g, x, m = gens(5, 6, 7), latents.clone(), mask.to(F64)
     for i, t in enumerate(sched.timesteps):

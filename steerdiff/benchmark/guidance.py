@@ -12,7 +12,8 @@ and a reference solver can use:
 
 Both expose the same interface: ``pipeline_call(pipe)`` (a context manager giving the call's keyword
 arguments, and afterwards the network evaluations it really ran when the rule skips some) and
-``model_fn(denoiser, labels, schedule, prediction_type)`` (the guided network for reference solutions).
+``model_fn(denoiser, labels, schedule, prediction_type)``: the model boundary (:class:`steerdiff.core.Denoiser`)
+of the guided network for reference solutions.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Any
 
 import torch
 
-from ..pipelines.class_conditional import null_class_id
 from .config import GuidanceSpec
 
 
@@ -38,13 +38,14 @@ class PipelineCall:
     evaluations: int | None = None
 
 
-def _doubled(denoiser, labels: torch.Tensor):
-    both = torch.cat([torch.full_like(labels, null_class_id(denoiser)), labels])
+def _boundary(denoiser, labels: torch.Tensor, schedule, prediction_type: str, guidance):
+    from ..pipelines.conditioning import denoiser_for
 
-    def uncond_cond(x, t):
-        return denoiser(torch.cat([x, x]), torch.cat([t, t]), class_labels=both).sample.chunk(2)
-
-    return uncond_cond
+    if schedule is None:
+        schedule = getattr(denoiser, "schedule", None)  # the analytic mixture carries its own
+        if schedule is None:
+            raise ValueError("model_fn needs the model's noise process (schedule=)")
+    return denoiser_for(denoiser, schedule, prediction_type, guidance, cond=labels)
 
 
 class ClassifierFreeGuidance:
@@ -61,15 +62,7 @@ class ClassifierFreeGuidance:
         yield PipelineCall({"guidance_scale": self.scale})
 
     def model_fn(self, denoiser, labels: torch.Tensor, schedule=None, prediction_type: str = "epsilon"):
-        if self.scale == 1.0:
-            return lambda x, t: denoiser(x, t, class_labels=labels).sample
-        uncond_cond = _doubled(denoiser, labels)
-
-        def guided(x, t):
-            uncond, cond = uncond_cond(x, t)
-            return uncond + self.scale * (cond - uncond)
-
-        return guided
+        return _boundary(denoiser, labels, schedule, prediction_type, self.scale)
 
 
 class RuleGuidance:
@@ -88,23 +81,9 @@ class RuleGuidance:
         call.evaluations = hook.network_evaluations
 
     def model_fn(self, denoiser, labels: torch.Tensor, schedule, prediction_type: str = "epsilon"):
-        """The rule applied to every evaluation of a fresh run (both branches always computed; per-run state such
-        as APG's momentum then follows the reference solver's own steps)."""
-        from ..guidance.base import GuidanceState
-
-        rule = copy.deepcopy(self.rule)
-        rule.reset(None)
-        uncond_cond = _doubled(denoiser, labels)
-        step = 0
-
-        def guided(x, t):
-            nonlocal step
-            uncond, cond = uncond_cond(x, t)
-            out = rule(cond, uncond, GuidanceState(schedule, t, x, prediction_type, step))
-            step += 1
-            return out
-
-        return guided
+        """The rule (a fresh copy) applied to every evaluation of a run; the reference solver resets it at the start
+        (per-run state such as APG's momentum then follows the reference solver's own steps)."""
+        return _boundary(denoiser, labels, schedule, prediction_type, copy.deepcopy(self.rule))
 
 
 def build_guidance(spec: GuidanceSpec) -> ClassifierFreeGuidance | RuleGuidance:

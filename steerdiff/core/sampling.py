@@ -1,13 +1,14 @@
 """Sampling loops as short functions over the shared steps, with a small registry.
 
-A sampler integrates from ``timesteps[0]`` to ``timesteps[-1]`` over the decreasing grid ``timesteps``
-(N + 1 entries for N steps; a final -1 means "clean": alpha^2 = final_alpha_cumprod, usually sigma = 0).
-``model(x, t)`` returns the network output of ``prediction_type`` for a batch x and per-sample timesteps t
-of shape (B,); classifier-free guidance or any other wrapping lives in that callable.
+A sampler integrates over the grid ``timesteps`` (N + 1 points for N steps, the last one the end; a
+:class:`~steerdiff.core.grid.Grid` is taken as is) of the noise process ``process`` (VP or flow matching).
+``model`` is the model boundary, a :class:`~steerdiff.core.denoiser.Denoiser` (guidance, conditioning and the
+parametrization live there), or a plain ``model(x, t) -> output`` of ``prediction_type``, which is wrapped
+into one.
 
-    x0 = SAMPLERS["dpmpp_2m"](model, x_T, schedule, with_final(spaced_timesteps(1000, 20)))
+    x0 = SAMPLERS["dpmpp_2m"](denoiser, x_T, process, with_final(spaced_timesteps(1000, 20)))
 
-Each step is one network call.  ``callback(i, t, x, data)`` sees the state before step i is applied.
+Each step is one evaluation of the denoiser.  ``callback(i, t, x, data)`` sees the state before step i is applied.
 """
 
 from __future__ import annotations
@@ -16,76 +17,70 @@ from collections.abc import Callable
 
 import torch
 
+from .denoiser import as_denoiser
+from .grid import Grid, make_grid
 from .multistep import History, adams_bashforth
-from .prediction import to_eps, to_x0
-from .schedule import NoiseSchedule
+from .process import NoiseProcess
 from .sde import ancestral_step, sample_noise
-from .steps import dpmpp_2m_data, dpmpp_2m_first_order, euler_step, exponential_step, step_ratio
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from .steps import dpmpp_2m_data
 
 
-def _grid(schedule: NoiseSchedule, timesteps: torch.Tensor, x: torch.Tensor):
-    timesteps = torch.as_tensor(timesteps, device=x.device)
-    if timesteps.ndim != 1 or timesteps.numel() < 2:
-        raise ValueError(f"timesteps must be a 1-D grid of at least 2 entries (1 step), got shape {tuple(timesteps.shape)}")
-    alphas, sigmas = schedule.alpha_sigma(timesteps)
-    return timesteps, alphas, sigmas, schedule.lambda_(timesteps)
+def _setup(model, x: torch.Tensor, process: NoiseProcess, timesteps, prediction_type):
+    grid = timesteps if isinstance(timesteps, Grid) else make_grid(process, timesteps, device=x.device)
+    denoiser = as_denoiser(model, process, prediction_type)
+    denoiser.reset(grid.timesteps)
+    return grid, denoiser
 
 
-def _call(model: ModelFn, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return model(x, t.expand(x.shape[0]))
+def _predict(denoiser, grid: Grid, i: int, x: torch.Tensor):
+    a, s = grid.point(i)
+    return denoiser.predict(x, grid.t[i], a, s)
 
 
 @torch.no_grad()
-def sample_ddim(model, x, schedule, timesteps, prediction_type="epsilon", eta=0.0, generator=None, callback=None):
-    """DDIM (Song et al. 2021): Euler in (x_bar, sigma_bar); with eta > 0 the ancestral DDIM(eta) step."""
-    ts, a, s, _ = _grid(schedule, timesteps, x)
-    for i in range(ts.numel() - 1):
-        out = _call(model, x, ts[i])
-        data = to_x0(out, x, a[i], s[i], prediction_type)
+def sample_ddim(model, x, process, timesteps, prediction_type=None, eta=0.0, generator=None, callback=None):
+    """DDIM (Song et al. 2021): Euler in (x_bar, sigma_bar) (flow Euler on flow grids); with eta > 0 the
+    ancestral DDIM(eta) step."""
+    grid, denoiser = _setup(model, x, process, timesteps, prediction_type)
+    for i in range(grid.num_steps):
+        pred = _predict(denoiser, grid, i, x)
         if callback is not None:
-            callback(i, ts[i], x, data)
+            callback(i, grid.t[i], x, pred.x0)
         if eta == 0:
-            x = euler_step(x, to_eps(out, x, a[i], s[i], prediction_type), a[i], s[i], a[i + 1], s[i + 1])
+            x = grid.euler(i, x, pred.eps, pred)
         else:
             noise = sample_noise(x.shape, generator, x.device, x.dtype)
-            x = ancestral_step(x, data, a[i], s[i], a[i + 1], s[i + 1], noise, eta)
+            x = ancestral_step(x, pred.x0, *grid.point(i), *grid.point(i + 1), noise, eta)
     return x
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model, x, schedule, timesteps, prediction_type="epsilon", lower_order_final=True, callback=None):
+def sample_dpmpp_2m(model, x, process, timesteps, prediction_type=None, lower_order_final=True, callback=None):
     """DPM-Solver++ 2M (Lu et al. 2022), multistep, midpoint form, diffusers' lower-order-final rule."""
-    ts, a, s, lam = _grid(schedule, timesteps, x)
-    n = ts.numel() - 1
-    ends_clean = bool(s[-1] == 0)  # a property of the grid, decided once before the loop
+    grid, denoiser = _setup(model, x, process, timesteps, prediction_type)
     prev_data = None
-    for i in range(n):
-        data = to_x0(_call(model, x, ts[i]), x, a[i], s[i], prediction_type)
+    for i in range(grid.num_steps):
+        data = _predict(denoiser, grid, i, x).x0
         if callback is not None:
-            callback(i, ts[i], x, data)
-        if dpmpp_2m_first_order(i, n, lower_order_final, ends_clean):
-            combined = data
-        else:
-            combined = dpmpp_2m_data(data, prev_data, step_ratio(lam[i - 1], lam[i], lam[i + 1]))
-        x = exponential_step(x, combined, a[i], s[i], a[i + 1], s[i + 1])
+            callback(i, grid.t[i], x, data)
+        combined = data if grid.first_order(i, lower_order_final) else dpmpp_2m_data(data, prev_data, grid.ratio(i))
+        x = grid.exponential(i, x, combined)
         prev_data = data
     return x
 
 
 @torch.no_grad()
-def sample_plms(model, x, schedule, timesteps, prediction_type="epsilon", order=4, callback=None):
+def sample_plms(model, x, process, timesteps, prediction_type=None, order=4, callback=None):
     """Pseudo linear multistep (Liu et al. 2022) as Adams-Bashforth in (x_bar, sigma_bar), lower order while
     the history is short (no Runge-Kutta warm-up, so every step is one network call)."""
-    ts, a, s, _ = _grid(schedule, timesteps, x)
+    grid, denoiser = _setup(model, x, process, timesteps, prediction_type)
     history = History(order)
-    for i in range(ts.numel() - 1):
-        out = _call(model, x, ts[i])
+    for i in range(grid.num_steps):
+        pred = _predict(denoiser, grid, i, x)
         if callback is not None:
-            callback(i, ts[i], x, to_x0(out, x, a[i], s[i], prediction_type))
-        history.push(to_eps(out, x, a[i], s[i], prediction_type))
-        x = euler_step(x, adams_bashforth(history, order), a[i], s[i], a[i + 1], s[i + 1])
+            callback(i, grid.t[i], x, pred.x0)
+        history.push(pred.eps)
+        x = grid.euler(i, x, adams_bashforth(history, order), pred)
     return x
 
 

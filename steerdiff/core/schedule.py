@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .process import NoiseProcess, as_config, noise_process_family
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
@@ -44,7 +46,7 @@ def _betas_from_config(
     raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
 
 
-class NoiseSchedule:
+class NoiseSchedule(NoiseProcess):
     """A VP schedule given by ``alphas_cumprod`` (one value per training timestep).
 
     Build it with :meth:`from_config` (any diffusers scheduler config or scheduler), or
@@ -53,19 +55,25 @@ class NoiseSchedule:
     no host synchronisation.
     """
 
-    def __init__(self, alphas_cumprod: torch.Tensor, final_alpha_cumprod: float = 1.0):
+    kind = "vp"
+
+    def __init__(self, alphas_cumprod: torch.Tensor, final_alpha_cumprod: float = 1.0, clamped_terminal: bool = False):
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu()
         if ac.ndim != 1 or ac.numel() < 2:
             raise ValueError(f"alphas_cumprod must be a 1-D tensor with at least 2 entries, got shape {tuple(ac.shape)}")
         if not bool(torch.isfinite(ac).all()) or bool((ac <= 0).any()) or bool((ac > 1).any()):
             raise ValueError("alphas_cumprod must lie in (0, 1]; a zero terminal SNR must be clamped first")
-        if bool((ac[1:] > ac[:-1]).any()):
+        # a zero terminal SNR clamped to 2**-24 (diffusers' rule) may sit above the entry before it: only the
+        # entries before the clamped one must then be non-increasing
+        checked = ac[:-1] if clamped_terminal else ac
+        if bool((checked[1:] > checked[:-1]).any()):
             raise ValueError("alphas_cumprod must be non-increasing in t")
         if not 0.0 < float(final_alpha_cumprod) <= 1.0:
             raise ValueError(f"final_alpha_cumprod must lie in (0, 1], got {final_alpha_cumprod}")
         self.alphas_cumprod = ac
         self.final_alpha_cumprod = float(final_alpha_cumprod)
         self.log_alphas = 0.5 * torch.log(ac)
+        self.num_train_timesteps = ac.numel()
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- construction -------------------------------------------------------------------------------
@@ -81,8 +89,12 @@ class NoiseSchedule:
         ``rescale_betas_zero_snr`` and ``set_alpha_to_one`` with diffusers' defaults.  A zero terminal SNR is
         clamped to alphas_cumprod = 2**-24 as diffusers' DPM-Solver does.
         """
-        if hasattr(config, "config") and not isinstance(config, Mapping):
-            config = config.config
+        config = as_config(config)
+        if noise_process_family(config) != "vp":
+            raise ValueError(
+                "this scheduler config describes a flow-matching process, not a VP schedule; build it with "
+                "steerdiff.core.noise_process_from_config (or FlowMatchSchedule.from_config)"
+            )
         get = config.get
         n = int(get("num_train_timesteps", 1000))
         if n < 2:
@@ -99,14 +111,11 @@ class NoiseSchedule:
 
             betas = rescale_zero_terminal_snr(betas)
         ac = torch.cumprod(1.0 - betas, dim=0)
-        if get("rescale_betas_zero_snr", False):
+        zero_snr = bool(get("rescale_betas_zero_snr", False))
+        if zero_snr:
             ac[-1] = 2**-24
         final = 1.0 if get("set_alpha_to_one", True) else float(ac[0])
-        return cls(ac, final_alpha_cumprod=final)
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.alphas_cumprod.numel()
+        return cls(ac, final_alpha_cumprod=final, clamped_terminal=zero_snr)
 
     # -- queries --------------------------------------------------------------------------------------
     def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,11 +139,20 @@ class NoiseSchedule:
         final = torch.full_like(value, 0.5 * math.log(self.final_alpha_cumprod))
         return torch.where(tf < 0, final, value).to(dtype)
 
+    def log_alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        log_a = self.log_alpha(t)
+        return log_a, 0.5 * torch.log(-torch.expm1(2 * log_a))
+
     def alpha(self, t, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return torch.exp(self.log_alpha(t)).to(dtype)
 
     def sigma(self, t, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return torch.sqrt(-torch.expm1(2 * self.log_alpha(t))).to(dtype)
+
+    def progress(self, t) -> torch.Tensor:
+        """s = t / (T - 1) clamped to [0, 1]: the trained timesteps run 0..T-1 (T - 1 = pure noise)."""
+        t = torch.as_tensor(t).to(torch.float64)
+        return (t / (self.num_train_timesteps - 1)).clamp(0.0, 1.0)
 
     def alpha_sigma(self, t, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
         log_a = self.log_alpha(t)
@@ -155,8 +173,9 @@ class NoiseSchedule:
         lam = torch.as_tensor(lam, dtype=torch.float64)
         log_a_table, t_table = self._table(lam.device)
         log_a = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
-        # log_alpha decreases in t: search the reversed (increasing) table
-        xs = log_a_table.flip(0)
+        # log_alpha decreases in t (its running minimum does, also past a clamped terminal entry): search the
+        # reversed (increasing) table
+        xs = torch.cummin(log_a_table, 0).values.flip(0)
         ts = t_table.flip(0)
         idx = torch.searchsorted(xs, log_a.clamp(xs[0], xs[-1]).contiguous()).clamp(1, xs.numel() - 1)
         x0, x1 = xs[idx - 1], xs[idx]

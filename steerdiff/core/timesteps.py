@@ -44,6 +44,15 @@ def spaced_timesteps(
     return torch.from_numpy(ts.copy()).to(device)
 
 
+def linspace_timesteps(num_train_timesteps: int, num_inference_steps: int, device=None) -> torch.Tensor:
+    """DDPM / DDIMScheduler's "linspace" rule, round(linspace(T - 1, 0, N)): from T - 1 down to 0, both included
+    (N = 1: T - 1 alone); distinct for every N <= T (N = T gives every training timestep once).  ``spaced_timesteps``'
+    "linspace" (DPM-Solver's rule) drops t = 0 instead and repeats timesteps when N approaches T."""
+    n = check_num_steps(num_inference_steps, num_train_timesteps)
+    ts = np.linspace(num_train_timesteps - 1, 0, n).round().astype(np.int64)
+    return torch.from_numpy(ts.copy()).to(device)
+
+
 def with_final(timesteps: torch.Tensor) -> torch.Tensor:
     """Append the end of sampling (timestep -1: alpha^2 = final_alpha_cumprod, sigma = 0 by default)."""
     timesteps = torch.as_tensor(timesteps)

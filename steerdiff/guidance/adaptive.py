@@ -58,6 +58,8 @@ class AdaptiveGuidance(GuidanceRule):
     switch follow the guidance signal instead.
     """
 
+    stateful = True  # which samples still guide
+
     def __init__(self, rule: GuidanceRule, threshold: float = 0.99, similarity_space: str = "epsilon"):
         self.rule = _check_rule(rule)
         self.threshold = check_scalar(threshold, "threshold", low=-1.0, high=1.0)
@@ -153,6 +155,8 @@ class LinearAG(GuidanceRule):
     Build it with :meth:`calibrate` (or :meth:`load` a saved calibration).  Args: ``coefficients`` float64
     (N, 4) over (c_i, c_{i-1}, u_{i-1}, 1), ``timesteps`` (N,) of the calibration grid, ``skip`` bool (N,).
     """
+
+    stateful = True  # the previous step's predictions
 
     def __init__(self, rule: GuidanceRule, coefficients: torch.Tensor, timesteps: torch.Tensor, skip: torch.Tensor):
         self.rule = _check_rule(rule)

@@ -66,6 +66,11 @@ class APG(GuidanceRule):
             raise ValueError("momentum must lie in (-1, 1): |beta| = 1 never forgets, got 1")
         self._average: torch.Tensor | None = None
 
+    @property
+    def stateful(self) -> bool:
+        """The momentum buffer carries state between evaluations (momentum != 0)."""
+        return self.momentum != 0.0
+
     def reset(self, timesteps=None) -> None:
         self._average = None
 

@@ -8,8 +8,8 @@ evaluation into the guided prediction g, all three in the model's own parametriz
 
 Papers that write eps = c + w' (c - u) use w' = w - 1.
 
-A rule that needs another parametrization (APG works on the data prediction, CFG-Zero* on eps) declares it
-in ``space``; :class:`GuidanceRule` converts c and u there (in float64, through
+A rule that needs another parametrization (APG works on the data prediction, CFG-Zero* on the velocity) declares
+it in ``space`` (or per evaluation with :meth:`GuidanceRule.space_for`); :class:`GuidanceRule` converts c and u there (in float64, through
 :func:`steerdiff.core.prediction.convert_prediction`) and converts the result back, so every rule serves
 epsilon, v_prediction and sample models alike.
 
@@ -28,112 +28,18 @@ from numbers import Real
 
 import torch
 
-from ..core.prediction import check_prediction_type, convert_prediction
-from ..core.schedule import NoiseSchedule
+from ..core.denoiser import GuidanceState
+from ..core.prediction import convert_prediction
 
 UncondMask = torch.Tensor | bool | None
 """What :meth:`GuidanceRule.uncond_needed` returns: None or True (every sample), False (none), or a bool
 tensor of shape (B,) or (1,)."""
 
 
-class GuidanceState:
-    """What a rule may read about the current network evaluation (one per call of the network).
-
-    Args:
-        schedule: the model's VP noise schedule (alpha, sigma at the network's timestep).
-        timestep: the timestep the network received: a number, a 0-d tensor or one per sample (B,);
-            diffusers' discrete training timesteps, possibly fractional (Euler).
-        sample: the network input x_t of the conditional samples (B, C, ...), guided channels only.
-            The input is the VP sample (diffusers pipelines feed ``scale_model_input(x)``).
-        prediction_type: "epsilon", "v_prediction" or "sample".
-        step: index of this evaluation since the rule was last reset (0 at the first evaluation of a run).
-        active: bool (B,) or None; samples to guide (the others get the conditional prediction).
-        evaluated: bool (B,) or None; samples whose unconditional prediction came from the network.
-
-    The derived per-sample quantities (float64, shape (B,), on the sample's device) are computed on first use:
-    ``timestep``, ``alpha``, ``sigma``, ``sigma_bar`` (= sigma / alpha, the EDM / Karras noise level) and
-    ``progress`` (s = t / (T - 1) in [0, 1]: 1 = pure noise, 0 = clean, T = training timesteps).
-    """
-
-    def __init__(
-        self,
-        schedule: NoiseSchedule,
-        timestep,
-        sample: torch.Tensor,
-        prediction_type: str = "epsilon",
-        step: int = 0,
-        active: torch.Tensor | None = None,
-        evaluated: torch.Tensor | None = None,
-    ):
-        self.schedule = schedule
-        self._raw_timestep = timestep
-        self.sample = sample
-        self.prediction_type = check_prediction_type(prediction_type)
-        self.step = int(step)
-        self.active = active
-        self.evaluated = evaluated
-
-    @property
-    def batch_size(self) -> int:
-        return self.sample.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.sample.device
-
-    @cached_property
-    def timestep(self) -> torch.Tensor:
-        t = torch.as_tensor(self._raw_timestep, device=self.device).to(torch.float64).reshape(-1)
-        if t.numel() == 1:
-            return t.expand(self.batch_size)
-        if t.numel() != self.batch_size:
-            raise ValueError(f"timestep must be a scalar or hold one value per sample ({self.batch_size}), got {t.numel()}")
-        return t
-
-    @cached_property
-    def _alpha_sigma(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.schedule.alpha_sigma(self.timestep)
-
-    @property
-    def alpha(self) -> torch.Tensor:
-        return self._alpha_sigma[0]
-
-    @property
-    def sigma(self) -> torch.Tensor:
-        return self._alpha_sigma[1]
-
-    @cached_property
-    def sigma_bar(self) -> torch.Tensor:
-        return self.sigma / self.alpha
-
-    @cached_property
-    def progress(self) -> torch.Tensor:
-        return (self.timestep / (self.schedule.num_train_timesteps - 1)).clamp(0.0, 1.0)
-
-    def replace(self, **changes) -> "GuidanceState":
-        """A copy with some of ``step``, ``active``, ``evaluated``, ``sample`` changed (derived values are kept
-        unless ``sample`` changes)."""
-        allowed = {"step", "active", "evaluated", "sample"}
-        unknown = set(changes) - allowed
-        if unknown:
-            raise ValueError(f"GuidanceState.replace accepts {sorted(allowed)}, got {sorted(unknown)}")
-        new = object.__new__(GuidanceState)
-        new.__dict__.update(self.__dict__)
-        if "sample" in changes:
-            for key in ("timestep", "_alpha_sigma", "sigma_bar", "progress"):
-                new.__dict__.pop(key, None)
-        new.__dict__.update(changes)
-        return new
-
-    def __repr__(self) -> str:
-        return (
-            f"GuidanceState(step={self.step}, batch={self.batch_size}, prediction_type={self.prediction_type!r}, "
-            f"timestep={self._raw_timestep!r})"
-        )
-
-
 def to_space(pred: torch.Tensor, state: GuidanceState, space: str) -> torch.Tensor:
     """``pred`` (in the model's parametrization) as a float64 prediction of type ``space``."""
+    if space == "v_prediction" and state.process.kind == "flow":
+        raise ValueError("v_prediction is a VP parametrization; on a flow-matching model use 'flow_prediction'")
     if space == state.prediction_type:
         return pred.to(torch.float64)
     return convert_prediction(
@@ -179,6 +85,14 @@ class GuidanceRule:
     predictions with coefficients that do not depend on them, such as CFG, the result is the same in every
     parametrization)."""
 
+    stateful: bool = False
+    """Whether :meth:`combine` keeps state from one evaluation to the next within a run (momentum buffers,
+    convergence flags): such a rule must see the evaluations of a run once each, in order."""
+
+    def space_for(self, state: GuidanceState) -> str | None:
+        """The parametrization of this evaluation (default: ``space``)."""
+        return self.space
+
     def reset(self, timesteps: torch.Tensor | None = None) -> None:
         """Forget per-run state.  Called at the start of every sampling run (``timesteps``: the run's grid,
         when the caller knows it)."""
@@ -192,7 +106,7 @@ class GuidanceRule:
 
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, state: GuidanceState) -> torch.Tensor:
         check_pair(cond, uncond, state)
-        space = self.space
+        space = self.space_for(state)
         if space is None:
             guided = self.combine(cond, uncond, state)
         else:

@@ -46,6 +46,12 @@ class CFGRescale(GuidanceRule):
             raise ValueError(f"space must be one of {(*PREDICTION_TYPES, 'model')}, got {space!r}")
         self.space = None if space == "model" else space
 
+    def space_for(self, state: GuidanceState) -> str | None:
+        """v-prediction is a VP quantity: on flow-matching models the velocity v = eps - x0 takes its place."""
+        if self.space == "v_prediction" and state.process.kind == "flow":
+            return "flow_prediction"
+        return self.space
+
     def combine(self, cond, uncond, state):
         w = scale_at(self.scale, state, cond)
         guided = uncond + w * (cond - uncond)
@@ -63,7 +69,9 @@ class CFGZeroStar(GuidanceRule):
         a* = <c, u> / ||u||^2   (per sample, float64);   g = a* u + w (c - a* u),
 
     and "zero-init": zero velocity for the first ``zero_init_steps`` evaluations of a run.  The paper works on the
-    velocity of a rectified-flow ODE, x_rf = (1 - s) x0 + s eps; the rule works on eps.
+    velocity of a rectified-flow ODE, x_rf = (1 - s) x0 + s eps: on flow-matching models the rule works on that
+    velocity v = eps - x0 (``space_for`` gives "flow_prediction") and zero-init outputs v = 0; on VP models it
+    works on eps.
 
     Zero-init on a VP model (``zero_init="flow"``, the default).  A VP sample is a rectified-flow sample in other
     coordinates: x_rf = x / (alpha + sigma) with s = sigma / (alpha + sigma).  Zero velocity keeps x_rf fixed,
@@ -81,6 +89,10 @@ class CFGZeroStar(GuidanceRule):
 
     ZERO_INIT = ("flow", "zero")
 
+    def space_for(self, state: GuidanceState) -> str:
+        """The rectified-flow velocity on flow-matching models (the paper's setting), eps on VP models."""
+        return "flow_prediction" if state.process.kind == "flow" else "epsilon"
+
     def __init__(self, scale: float | WeightSchedule = 7.5, zero_init_steps: int = 1, zero_init: str = "flow"):
         self.scale = as_scale(scale)
         if isinstance(zero_init_steps, bool) or not isinstance(zero_init_steps, int) or zero_init_steps < 0:
@@ -92,7 +104,7 @@ class CFGZeroStar(GuidanceRule):
 
     def combine(self, cond, uncond, state: GuidanceState):
         if state.step < self.zero_init_steps:
-            if self.zero_init == "zero":
+            if self.zero_init == "zero" or state.process.kind == "flow":  # on flow: the velocity itself is zeroed
                 return torch.zeros_like(cond)
             return (state.sample / expand_to(state.alpha + state.sigma, state.sample)).to(cond.dtype)
         a = batch_dot(cond, uncond) / batch_norm(uncond).square().clamp_min(torch.finfo(torch.float64).tiny)

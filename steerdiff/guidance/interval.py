@@ -35,6 +35,10 @@ class GuidanceInterval(GuidanceRule):
         """bool (B,): the samples whose noise level lies in (sigma_low, sigma_high]."""
         return (state.sigma_bar > self.sigma_low) & (state.sigma_bar <= self.sigma_high)
 
+    @property
+    def stateful(self) -> bool:
+        return self.rule.stateful
+
     def reset(self, timesteps=None) -> None:
         self.rule.reset(timesteps)
 

@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
-from ..core.prediction import check_prediction_type
-from ..core.schedule import NoiseSchedule
+from ..core.process import noise_process_from_config, prediction_type_from_config
 from .base import GuidanceRule, GuidanceState
 
 
@@ -36,7 +35,8 @@ class RuleGuider(BaseGuidance):
 
     Args:
         rule: the guidance rule (CFG, APG, CFGRescale, CFGZeroStar, GuidanceInterval, AdaptiveGuidance, LinearAG).
-        scheduler: the pipeline's scheduler or its config (for the noise schedule and the prediction type).
+        scheduler: the pipeline's scheduler or its config (for the noise process, VP or flow matching, and the
+            prediction type).
         start, stop, enabled: as in diffusers' guiders.
     """
 
@@ -50,9 +50,13 @@ class RuleGuider(BaseGuidance):
         super().__init__(start, stop, enabled)
         config = scheduler.config if hasattr(scheduler, "config") else scheduler
         self.rule = rule
-        self.schedule = NoiseSchedule.from_config(config)
-        self.prediction_type = check_prediction_type(config.get("prediction_type", "epsilon"))
+        # VP or flow matching, read from the config (a FlowMatch scheduler gives the flow process and the velocity
+        # prediction); a config steerdiff cannot read is a ValueError naming the key
+        self.schedule = noise_process_from_config(scheduler)
+        self.prediction_type = prediction_type_from_config(scheduler)
         self._scheduler_config = dict(config)
+        if not isinstance(scheduler, dict) and hasattr(scheduler, "config"):  # keep the class: it names the family
+            self._scheduler_config.setdefault("_class_name", type(scheduler).__name__)
         self.register_to_config(rule=repr(rule), start=start, stop=stop, enabled=enabled)
         self._need_uncond = True
         self._sample: torch.Tensor | None = None

@@ -27,11 +27,13 @@ from ..core.timesteps import spaced_timesteps, with_final
 from .base import Metric, SampleSet
 
 
-def reference_solution(model_fn, noise: torch.Tensor, schedule, steps: int = 1000, prediction_type: str = "epsilon") -> torch.Tensor:
+def reference_solution(model_fn, noise: torch.Tensor, schedule, steps: int = 1000, prediction_type: str | None = None) -> torch.Tensor:
     """x_0 from ``noise`` = x_T by ``steps`` DPM-Solver++ 2M steps, in noise's dtype.
 
-    The grid is diffusers' "trailing" spacing (it starts at t = T - 1 for any step count and has no repeated
-    timesteps; with steps = T it is every training timestep), then the clean end."""
+    ``model_fn``: the model boundary (:class:`steerdiff.core.Denoiser`) or a plain ``(x, t) -> output`` of
+    ``prediction_type``; ``schedule``: the noise process (VP or flow).  The grid is diffusers' "trailing" spacing
+    (it starts at t = T - 1 for any step count and has no repeated timesteps; with steps = T it is every training
+    timestep), then the clean end."""
     grid = with_final(spaced_timesteps(schedule.num_train_timesteps, steps, "trailing", device=noise.device))
     return sample_dpmpp_2m(model_fn, noise, schedule, grid, prediction_type)
 

@@ -53,11 +53,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.prediction import check_prediction_type, to_eps
-from ..core.schedule import NoiseSchedule
+from ..core.denoiser import Denoiser, Prediction
+from ..core.grid import Grid, make_grid
+from ..core.prediction import check_prediction_type
+from ..core.process import NoiseProcess, as_config, noise_process_from_config, prediction_type_from_config
 from ..core.steps import dpm_solver_2m_eps, euler_step, step_ratio
 from ..core.timesteps import TIMESTEP_SPACINGS, spaced_timesteps, with_final
-from .conditioning import GuidedDenoiser
+from .conditioning import denoiser_for
 
 MODES = ("adjoint", "checkpoint", "autograd")
 ORDERS = (1, 2)
@@ -88,28 +90,10 @@ class AdjointResult:
 
 
 # -- the grid and one step -------------------------------------------------------------------------------
-@dataclass
-class _Grid:
-    t: torch.Tensor  # (N + 1,) timesteps, decreasing
-    alpha: torch.Tensor
-    sigma: torch.Tensor
-    lam: torch.Tensor
-    rho: torch.Tensor  # sigma / alpha = e^{-lambda}
-    atan_rho: torch.Tensor  # the clock of a_y: d atan(rho) = alpha^2 d rho
-    asinh_rho: torch.Tensor  # the clock of a_c and a_theta: d asinh(rho) = alpha d rho
-
-    @property
-    def num_steps(self) -> int:
-        return self.t.numel() - 1
-
-
-def _grid(schedule: NoiseSchedule, timesteps: torch.Tensor, device) -> _Grid:
-    t = torch.as_tensor(timesteps, device=device)
-    if t.ndim != 1 or t.numel() < 2:
-        raise ValueError(f"timesteps must be a 1-D grid of at least 2 entries (1 step), got shape {tuple(t.shape)}")
-    alpha, sigma = schedule.alpha_sigma(t)
-    rho = schedule.sigma_bar(t)
-    return _Grid(t, alpha, sigma, schedule.lambda_(t), rho, torch.atan(rho), torch.asinh(rho))
+def _clocks(grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clocks of the adjoint states on the grid: atan(rho) for a_y (d atan rho = alpha^2 d rho) and asinh(rho)
+    for a_c and a_theta (d asinh rho = alpha d rho), with rho = sigma_bar = sigma / alpha."""
+    return torch.atan(grid.sigma_bar), torch.asinh(grid.sigma_bar)
 
 
 def _clock_step(v: torch.Tensor, direction: torch.Tensor, clock_s, clock_t) -> torch.Tensor:
@@ -118,20 +102,17 @@ def _clock_step(v: torch.Tensor, direction: torch.Tensor, clock_s, clock_t) -> t
     return euler_step(v, direction, 1.0, clock_s, 1.0, clock_t)
 
 
-def _second_order(order: int, i: int, n: int) -> bool:
-    """Forward step i takes the 2M combination unless it has no history (i = 0) or is the final step."""
-    return order == 2 and 0 < i < n - 1
+def _second_order(grid: Grid, order: int, i: int) -> bool:
+    """Forward step i takes the 2M combination unless the grid's rule makes it first order (the first step; the
+    final one on grids ending at sigma = 0 or shorter than 15 steps), and the final step is first order on every
+    grid (the adjoint differentiates it exactly, at x_{N-1})."""
+    return order == 2 and not grid.first_order(i) and i < grid.num_steps - 1
 
 
-def _direction(grid: _Grid, order: int, i: int, eps: torch.Tensor, eps_prev: torch.Tensor | None) -> torch.Tensor:
-    if not _second_order(order, i, grid.num_steps):
+def _direction(grid: Grid, order: int, i: int, eps: torch.Tensor, eps_prev: torch.Tensor | None) -> torch.Tensor:
+    if not _second_order(grid, order, i):
         return eps
-    return dpm_solver_2m_eps(eps, eps_prev, step_ratio(grid.lam[i - 1], grid.lam[i], grid.lam[i + 1]))
-
-
-def _step(grid: _Grid, i: int, x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """Step i: from grid point i to i + 1 (or back, with the points swapped) in x."""
-    return euler_step(x, direction, grid.alpha[i], grid.sigma[i], grid.alpha[i + 1], grid.sigma[i + 1])
+    return dpm_solver_2m_eps(eps, eps_prev, grid.ratio(i))
 
 
 class _NonFiniteWatch:
@@ -158,20 +139,27 @@ def _nbytes(tensors) -> int:
 class _Problem:
     """Everything fixed during one call: the guided eps as a function of (x, grid index), and what to differentiate."""
 
-    def __init__(self, denoiser: GuidedDenoiser, grid: _Grid, prediction_type: str, cond, params: dict[str, torch.Tensor]):
-        self.denoiser, self.grid, self.prediction_type = denoiser, grid, prediction_type
+    def __init__(self, denoiser: Denoiser, grid: Grid, params: dict[str, torch.Tensor]):
+        self.denoiser, self.grid = denoiser, grid
+        cond = denoiser.cond
         self.cond_differentiable = torch.is_tensor(cond) and cond.is_floating_point()
-        self.cond = cond.detach().requires_grad_(True) if self.cond_differentiable else cond
+        if self.cond_differentiable:
+            denoiser.cond = cond.detach().requires_grad_(True)
+        self.cond = denoiser.cond
+        self.atan_rho, self.asinh_rho = _clocks(grid)
         self.param_names = list(params)
         self.params = list(params.values())
         self.nfe = 0
 
-    def eps(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """The guided noise prediction at grid point i."""
+    def predict(self, x: torch.Tensor, i: int) -> Prediction:
+        """The guided prediction at grid point i (the rule sees evaluation index i, also in the backward pass)."""
         g = self.grid
         self.nfe += 1
-        out = self.denoiser(x, g.t[i].expand(x.shape[0]), self.cond)
-        return to_eps(out, x, g.alpha[i], g.sigma[i], self.prediction_type)
+        return self.denoiser.predict(x, g.t[i], g.alpha[i], g.sigma[i], step=i)
+
+    def eps(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """The guided noise prediction at grid point i."""
+        return self.predict(x, i).eps
 
     def inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x, then the conditioning (when differentiable), then the parameters: what each VJP is taken w.r.t."""
@@ -192,11 +180,12 @@ class _Problem:
         watch = _NonFiniteWatch(x.device)
         eps_prev = None
         for i in range(n):
-            eps = self.eps(x, i)
+            pred = self.predict(x, i)
+            eps = pred.eps
             watch.update(i, [eps])
             if keep is not None:
                 keep(i, x, eps)
-            x = _step(g, i, x, _direction(g, order, i, eps, eps_prev))
+            x = g.euler(i, x, _direction(g, order, i, eps, eps_prev), pred)
             eps_prev = eps
         watch.check(lambda i: f"the model output (guided eps) has NaN/Inf at step {i} (timestep {float(g.t[i]):g})")
         return x
@@ -233,11 +222,12 @@ def _checkpoint(problem: _Problem, x_T: torch.Tensor, order: int, seed_grad):
     for i in reversed(range(n)):
         with torch.enable_grad():
             x = xs[i].detach().requires_grad_(True)
-            eps = problem.eps(x, i)
+            pred = problem.predict(x, i)
+            eps = pred.eps
             eps_prev = None
-            if _second_order(order, i, n):
+            if _second_order(g, order, i):
                 eps_prev = eps_store[i - 1].detach().requires_grad_(True)
-            x_next = _step(g, i, x, _direction(g, order, i, eps, eps_prev))
+            x_next = g.euler(i, x, _direction(g, order, i, eps, eps_prev), pred)
             outs, cots = [x_next], [cot_x]
             if cot_eps is not None:
                 outs, cots = [x_next, eps], [cot_x, cot_eps]
@@ -267,8 +257,9 @@ def _adjoint(problem: _Problem, x_T: torch.Tensor, order: int, seed_grad):
     # the final step, exactly: one VJP at x_{N-1}; its graph also gives the adjoint's first derivative
     with torch.enable_grad():
         x = kept.pop(n - 1).detach().requires_grad_(True)
-        eps = problem.eps(x, n - 1)
-        final = problem.vjp([_step(g, n - 1, x, eps)], problem.inputs(x), [cot_x], retain_graph=n > 1)
+        pred = problem.predict(x, n - 1)
+        eps = pred.eps
+        final = problem.vjp([g.euler(n - 1, x, eps, pred)], problem.inputs(x), [cot_x], retain_graph=n > 1)
         dx, a_cond, a_params = problem.split(final)
         a_y = g.alpha[n - 1].to(dx.dtype) * dx
         if n > 1:
@@ -281,14 +272,15 @@ def _adjoint(problem: _Problem, x_T: torch.Tensor, order: int, seed_grad):
     for k in range(n - 1, 0, -1):  # from grid point k to k - 1
         direction = deriv
         if order == 2 and prev is not None:
-            r = step_ratio(g.lam[k + 1], g.lam[k], g.lam[k - 1])
+            r = step_ratio(g.lam[k + 1], g.lam[k], g.lam[k - 1])  # the backward grid's r0, at point k
             direction = [None if d is None else dpm_solver_2m_eps(d, p, r) for d, p in zip(deriv, prev)]
         d_eps, d_ay, d_cond, d_params = direction[0], direction[1], direction[2], direction[3:]
         x = euler_step(x, d_eps, g.alpha[k], g.sigma[k], g.alpha[k - 1], g.sigma[k - 1])
-        a_y = _clock_step(a_y, d_ay, g.atan_rho[k], g.atan_rho[k - 1])
+        atan_rho, asinh_rho = problem.atan_rho, problem.asinh_rho
+        a_y = _clock_step(a_y, d_ay, atan_rho[k], atan_rho[k - 1])
         if a_cond is not None:
-            a_cond = _clock_step(a_cond, d_cond, g.asinh_rho[k], g.asinh_rho[k - 1])
-        a_params = [_clock_step(a, d, g.asinh_rho[k], g.asinh_rho[k - 1]) for a, d in zip(a_params, d_params)]
+            a_cond = _clock_step(a_cond, d_cond, asinh_rho[k], asinh_rho[k - 1])
+        a_params = [_clock_step(a, d, asinh_rho[k], asinh_rho[k - 1]) for a, d in zip(a_params, d_params)]
         watch.update(k, [a_y, *([a_cond] if a_cond is not None else []), *a_params])
         state_bytes = max(state_bytes, _nbytes([x, a_y, *(prev or [])]))
         if k > 1:
@@ -318,16 +310,18 @@ _MODE_FNS = {"adjoint": _adjoint, "checkpoint": _checkpoint, "autograd": _autogr
 
 
 # -- argument handling -------------------------------------------------------------------------------------
-def _as_schedule(schedule) -> tuple[NoiseSchedule, Mapping]:
-    """A NoiseSchedule, and the scheduler config it came from (empty for a NoiseSchedule)."""
-    if isinstance(schedule, NoiseSchedule):
+def _as_process(schedule) -> tuple[NoiseProcess, Mapping]:
+    """The noise process, and the scheduler config it came from (empty for a NoiseProcess)."""
+    if isinstance(schedule, NoiseProcess):
         return schedule, {}
-    config = schedule.config if hasattr(schedule, "config") and not isinstance(schedule, Mapping) else schedule
-    if not isinstance(config, Mapping):
+    try:
+        config = as_config(schedule)
+    except TypeError:
         raise ValueError(
-            f"schedule must be a steerdiff NoiseSchedule, a diffusers scheduler or its config, got {type(schedule).__name__}"
-        )
-    return NoiseSchedule.from_config(config), config
+            f"schedule must be a steerdiff NoiseProcess (NoiseSchedule, FlowMatchSchedule), a diffusers scheduler or "
+            f"its config, got {type(schedule).__name__}"
+        ) from None
+    return noise_process_from_config(schedule), config
 
 
 def resolve_params(model: nn.Module, params) -> dict[str, torch.Tensor]:
@@ -364,21 +358,19 @@ def resolve_params(model: nn.Module, params) -> dict[str, torch.Tensor]:
     return chosen
 
 
-def _resolve_timesteps(schedule: NoiseSchedule, num_inference_steps, timesteps, timestep_spacing) -> torch.Tensor:
+def _resolve_grid(process: NoiseProcess, num_inference_steps, timesteps, timestep_spacing, device) -> Grid:
+    """The grid of N + 1 points: the given ``timesteps``, or N steps spaced on the trained timesteps 0..T-1
+    (``spaced_timesteps``, the same rule on VP and flow processes, so a flow grid starts at s = (T - 1) / T),
+    then the clean end."""
     if (num_inference_steps is None) == (timesteps is None):
         raise ValueError("give exactly one of num_inference_steps (>= 1) and timesteps (a decreasing grid of N + 1 entries)")
-    if timesteps is not None:
-        ts = torch.as_tensor(timesteps)
-        if ts.ndim != 1 or ts.numel() < 2:
-            raise ValueError(f"timesteps must be a 1-D grid of at least 2 entries (1 step), got shape {tuple(ts.shape)}")
-        if not bool((ts[1:] < ts[:-1]).all()):
-            raise ValueError("timesteps must be strictly decreasing (from the noise end to the clean end)")
-        return ts
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-    if timestep_spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
-    return with_final(spaced_timesteps(schedule.num_train_timesteps, num_inference_steps, timestep_spacing))
+    if timesteps is None:
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
+        timesteps = with_final(spaced_timesteps(process.num_train_timesteps, num_inference_steps, timestep_spacing))
+    return make_grid(process, timesteps, device=device)
 
 
 def _seed_grad(loss_fn, grad_x0):
@@ -416,22 +408,41 @@ def _check_finite_seed(cot: torch.Tensor) -> None:
 
 
 def _setup(model, x_T, schedule, num_inference_steps, timesteps, timestep_spacing, conditioning,
-           uncond_conditioning, guidance_scale, prediction_type, order, params=None) -> _Problem:
+           uncond_conditioning, guidance, prediction_type, order, mode, params=None) -> _Problem:
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if not torch.is_tensor(x_T) or not x_T.is_floating_point() or x_T.ndim < 2:
         raise ValueError("x_T must be a floating-point tensor (B, ...) of initial noise")
-    noise_schedule, config = _as_schedule(schedule)
+    process, config = _as_process(schedule)
     if prediction_type is None:
-        prediction_type = getattr(model, "config", {}).get("prediction_type") or config.get("prediction_type") or "epsilon"
+        prediction_type = getattr(model, "config", {}).get("prediction_type") or (
+            prediction_type_from_config(config) if config else ("flow_prediction" if process.kind == "flow" else "epsilon")
+        )
     check_prediction_type(prediction_type)
     if timestep_spacing is None:
         timestep_spacing = config.get("timestep_spacing", "linspace")
-    ts = _resolve_timesteps(noise_schedule, num_inference_steps, timesteps, timestep_spacing)
-    grid = _grid(noise_schedule, ts, x_T.device)
-    denoiser = GuidedDenoiser(model, guidance_scale, uncond_conditioning)
-    denoiser.check_conditioning(conditioning)
-    return _Problem(denoiser, grid, prediction_type, conditioning, resolve_params(model, params))
+    grid = _resolve_grid(process, num_inference_steps, timesteps, timestep_spacing, x_T.device)
+    if mode == "adjoint" and grid.starts_at_pure_noise:
+        raise ValueError(
+            "mode='adjoint' integrates y = x / alpha, which is infinite at pure noise (alpha = 0, the grid's first "
+            "point): start the grid below s = 1 (num_inference_steps gives t = T - 1 first) or use mode='checkpoint'"
+        )
+    if getattr(guidance, "stateful", False) and mode != "autograd":
+        raise ValueError(
+            f"{guidance!r} keeps state from one evaluation to the next, but mode={mode!r} evaluates the network again "
+            "in the backward pass: use a stateless rule (e.g. APG with momentum=0) or mode='autograd'"
+        )
+    denoiser = denoiser_for(model, process, prediction_type, guidance, conditioning, uncond_conditioning)
+    denoiser.reset(grid.timesteps)
+    return _Problem(denoiser, grid, resolve_params(model, params))
+
+
+def _guidance(guidance_scale, guidance_rule):
+    if guidance_rule is None:
+        return guidance_scale
+    if guidance_scale != 1.0:
+        raise ValueError("give guidance_scale or guidance_rule, not both (the rule sets the guidance)")
+    return guidance_rule
 
 
 @torch.no_grad()
@@ -446,12 +457,13 @@ def sample(
     conditioning: torch.Tensor | None = None,
     uncond_conditioning: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    guidance_rule=None,
     order: int = 2,
     prediction_type: str | None = None,
 ) -> torch.Tensor:
     """x_0 from x_T with exactly the forward pass of :func:`sample_with_grad` (same arguments), without gradients."""
     problem = _setup(model, x_T, schedule, num_inference_steps, timesteps, timestep_spacing, conditioning,
-                     uncond_conditioning, guidance_scale, prediction_type, order)
+                     uncond_conditioning, _guidance(guidance_scale, guidance_rule), prediction_type, order, "autograd")
     return problem.forward(x_T, order)
 
 
@@ -466,6 +478,7 @@ def sample_with_grad(
     conditioning: torch.Tensor | None = None,
     uncond_conditioning: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    guidance_rule=None,
     loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     grad_x0: torch.Tensor | None = None,
     params: None | str | Sequence[str] | Mapping[str, torch.Tensor] = None,
@@ -479,7 +492,9 @@ def sample_with_grad(
         model: a class-conditional ``UNet2DModel``, a ``UNet2DConditionModel``, a ``GaussianMixtureDenoiser`` or
             an unconditional diffusers-style model (see :mod:`steerdiff.pipelines.conditioning`).
         x_T: the initial noise (B, C, H, W); its dtype and device are the sampler's.
-        schedule: a :class:`~steerdiff.core.NoiseSchedule`, a diffusers scheduler or its config.
+        schedule: a noise process (:class:`~steerdiff.core.NoiseSchedule`, :class:`~steerdiff.core.FlowMatchSchedule`),
+            a diffusers scheduler or its config (VP or flow matching: the flow ODE is integrated in the same
+            (alpha, sigma) form; mode="adjoint" needs a grid that starts below s = 1).
         num_inference_steps: N; the grid is ``with_final(spaced_timesteps(T, N, timestep_spacing))``, ending at
             the clean end, with the scheduler config's ``timestep_spacing`` unless given ("linspace" for a
             NoiseSchedule).  Or give ``timesteps`` (a decreasing grid of N + 1 timesteps, fractional allowed).
@@ -487,6 +502,9 @@ def sample_with_grad(
             (B, L, D) / (1, L, D).  A float tensor gets a gradient.
         uncond_conditioning: the unconditional branch's conditioning for CFG (default: the null class).
         guidance_scale: w of g = u + w (c - u); 1 = no guidance.
+        guidance_rule: any :mod:`steerdiff.guidance` rule instead of ``guidance_scale`` (APG, schedules, interval,
+            ...); the rule sees evaluation index i at grid point i, in the backward pass too, so rules that keep
+            state between evaluations (APG with momentum, AdaptiveGuidance, LinearAG) need ``mode="autograd"``.
         loss_fn: x_0 -> scalar loss; or give ``grad_x0`` = dL/dx_0 directly.
         params: parameters to differentiate: None, ``"all"`` (those requiring grad), names, or a name -> tensor
             mapping (e.g. LoRA adapters).  Each must require grad.
@@ -499,7 +517,7 @@ def sample_with_grad(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     problem = _setup(model, x_T, schedule, num_inference_steps, timesteps, timestep_spacing, conditioning,
-                     uncond_conditioning, guidance_scale, prediction_type, order, params)
+                     uncond_conditioning, _guidance(guidance_scale, guidance_rule), prediction_type, order, mode, params)
     seed = _seed_grad(loss_fn, grad_x0)
     x0, loss, grads, state_bytes = _MODE_FNS[mode](problem, x_T, order, seed)
     grad_x_T, grad_cond, grad_params = problem.split([t.detach() for t in grads])

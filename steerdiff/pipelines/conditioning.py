@@ -1,5 +1,5 @@
-"""A denoiser called with its conditioning as tensors, with classifier-free guidance: the differentiable model
-function of :mod:`steerdiff.pipelines.adjoint`.
+"""diffusers models as the network of steerdiff's model boundary (:class:`steerdiff.core.Denoiser`): called with
+their conditioning as tensors, with the unconditional input of classifier-free guidance.
 
 What "conditioning" is depends on the model:
 
@@ -10,8 +10,9 @@ What "conditioning" is depends on the model:
 - :class:`~steerdiff.testbeds.mixture.GaussianMixtureDenoiser`: integer labels (B,) (not differentiable);
 - any other diffusers-style model ``model(x, t).sample``: no conditioning (None).
 
-Guidance follows diffusers' convention (Ho & Salimans 2022): g = u + w (c - u), one batched network call on
-[uncond, cond]; w = 1 calls the network on the conditional branch only.
+:func:`denoiser_for` builds the boundary for such a model: ``denoiser_for(model, process, prediction_type,
+guidance=APG(5), cond=labels)``; guidance (a weight or any rule) is applied there, on one batched network call on
+[uncond, cond].
 """
 
 from __future__ import annotations
@@ -62,38 +63,36 @@ def class_embedding_override(unet: nn.Module, embedding: torch.Tensor):
         handle.remove()
 
 
-def _batch(cond: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    if cond.shape[0] == batch:
-        return cond
-    if cond.shape[0] == 1:
-        return cond.expand(batch, *cond.shape[1:])
-    raise ValueError(f"{name} has a batch of {cond.shape[0]} for {batch} samples; give one per sample or a single one")
-
-
-class GuidedDenoiser:
-    """``(x, t, cond) -> `` the guided model output g = u + w (c - u) for a batch x (B, ...) and timesteps t (B,).
+class ConditionedNetwork:
+    """``(x, t, cond) -> output`` of a diffusers-style model, with ``null`` (the unconditional input) and ``join``
+    (the conditioning of a batch [uncond rows; cond rows]) for :class:`~steerdiff.core.Denoiser`.
 
     ``uncond`` is the unconditional branch's conditioning: None means the model's null input (the null class id
     for class-conditional models); a text-conditioned model needs it given (e.g. the empty prompt's embedding)
-    when ``guidance_scale != 1``.  It is held fixed (no gradient flows to a given ``uncond`` tensor; with the
-    default null class the gradient reaches the model's own embedding table, which is a parameter).
+    for guidance.  It is held fixed (no gradient flows to a given ``uncond`` tensor; with the default null class
+    the gradient reaches the model's own embedding table, which is a parameter).
     """
 
-    def __init__(self, model: nn.Module, guidance_scale: float = 1.0, uncond: torch.Tensor | None = None):
-        if not guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    def __init__(self, model: nn.Module, uncond: torch.Tensor | None = None):
         self.model = model
         self.kind = conditioning_kind(model)
-        self.guidance_scale = float(guidance_scale)
-        self.use_cfg = self.guidance_scale != 1.0
-        if self.use_cfg and self.kind == "none":
-            raise ValueError("guidance_scale != 1 needs a conditional model (class- or text-conditioned)")
-        if self.use_cfg and self.kind == "encoder_hidden_states" and uncond is None:
+        self.uncond = None if uncond is None else uncond.detach()
+
+    @property
+    def conditional(self) -> bool:
+        return self.kind != "none"
+
+    def check_guidance(self, guided: bool) -> None:
+        """Raise a clear error when guidance cannot run on this model."""
+        if not guided:
+            return
+        if self.kind == "none":
+            raise ValueError("guidance needs a conditional model (class- or text-conditioned)")
+        if self.kind == "encoder_hidden_states" and self.uncond is None:
             raise ValueError(
                 "uncond_conditioning is required for classifier-free guidance with a text-conditioned model "
                 "(the encoder_hidden_states of the empty prompt)"
             )
-        self.uncond = None if uncond is None else uncond.detach()
 
     def check_conditioning(self, cond) -> None:
         """Raise a clear error when ``cond`` does not fit the model."""
@@ -119,16 +118,22 @@ class GuidedDenoiser:
         if self.kind == "encoder_hidden_states" and (not cond.is_floating_point() or cond.ndim != 3):
             raise ValueError(f"encoder_hidden_states must be a float tensor (B, L, D), got {tuple(cond.shape)} {cond.dtype}")
 
-    def _null(self, batch: int, device) -> torch.Tensor | None:
+    def null(self, batch: int, device) -> torch.Tensor | None:
         if self.uncond is not None:
-            return _batch(self.uncond, batch, "uncond_conditioning")
+            if self.uncond.shape[0] == batch:
+                return self.uncond
+            if self.uncond.shape[0] == 1:
+                return self.uncond.expand(batch, *self.uncond.shape[1:])
+            raise ValueError(f"uncond_conditioning has a batch of {self.uncond.shape[0]} for {batch} samples")
         if self.kind == "class_embedding":
             return torch.full((batch,), self.model.config.num_class_embeds - 1, dtype=torch.long, device=device)
         if self.kind == "class_labels":
             return torch.full((batch,), int(self.model.config.num_classes), dtype=torch.long, device=device)
         return None
 
-    def _call(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if cond is None and self.kind in ("class_embedding", "class_labels"):
+            cond = self.null(x.shape[0], x.device)  # the whole mixture / the null class
         if self.kind == "none":
             return self.model(x, t).sample
         if self.kind == "encoder_hidden_states":
@@ -140,23 +145,25 @@ class GuidedDenoiser:
         with class_embedding_override(self.model, cond):
             return self.model(x, t, class_labels=torch.zeros(x.shape[0], dtype=torch.long, device=x.device)).sample
 
-    def _join(self, uncond: torch.Tensor | None, cond: torch.Tensor | None) -> torch.Tensor | None:
-        if uncond is None and cond is None:
-            return None
+    def join(self, uncond: torch.Tensor | None, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """The conditioning of the batch [uncond rows; cond rows]."""
         if cond is None:  # a label-conditioned mixture asked for the whole mixture: both branches null
-            cond = uncond
+            cond = self.null(uncond.shape[0] if uncond is not None else 0, None if uncond is None else uncond.device)
         if self.kind == "class_embedding" and uncond.is_floating_point() != cond.is_floating_point():
             embed = self.model.class_embedding
             uncond = embed(uncond) if not uncond.is_floating_point() else uncond
             cond = embed(cond) if not cond.is_floating_point() else cond
         return torch.cat([uncond.to(cond.dtype) if cond.is_floating_point() else uncond, cond])
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        batch = x.shape[0]
-        if cond is not None:
-            cond = _batch(cond, batch, "conditioning")
-        if not self.use_cfg:
-            return self._call(x, t, cond if cond is not None else self._null(batch, x.device))
-        out = self._call(torch.cat([x, x]), torch.cat([t, t]), self._join(self._null(batch, x.device), cond))
-        uncond_out, cond_out = out.chunk(2)
-        return uncond_out + self.guidance_scale * (cond_out - uncond_out)
+
+def denoiser_for(model: nn.Module, process, prediction_type: str, guidance=1.0, cond=None, uncond=None,
+                 check_finite: bool = False):
+    """The :class:`~steerdiff.core.Denoiser` of a diffusers-style ``model`` (see the module docstring) with
+    ``guidance`` (a weight or a rule), the samples' conditioning ``cond`` and the unconditional ``uncond``."""
+    from ..core.denoiser import Denoiser
+
+    network = ConditionedNetwork(model, uncond)
+    guided = not (isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and guidance == 1.0)
+    network.check_guidance(guided)
+    network.check_conditioning(cond)
+    return Denoiser(network, process, prediction_type, guidance, cond, check_finite)

@@ -16,7 +16,8 @@ half plus the unconditional rows still needed only; every batched argument (``en
 rows to run synchronises with the device once per step, for rules that can skip only.
 
 Noise levels.  The network input is the VP sample x_t (after ``scale_model_input``), so alpha and sigma at the
-network's (possibly fractional) timestep come from ``NoiseSchedule.from_config(pipe.scheduler.config)``.  At
+network's (possibly fractional) timestep come from the scheduler config's noise process
+(:func:`~steerdiff.core.noise_process_from_config`).  At
 Euler's fractional timesteps that schedule (log alpha linear in t) and Euler's (sigma linear in t) differ by at
 most 7e-5 relative (SD betas, 50 linspace steps); at integer timesteps they agree.
 
@@ -35,8 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.prediction import check_prediction_type
-from ..core.schedule import NoiseSchedule
+from ..core.process import noise_process_from_config, prediction_type_from_config
 from ..core.tensors import check_finite
 from ..guidance.base import GuidanceRule, GuidanceState
 
@@ -112,14 +112,16 @@ class GuidanceHook:
         self.layout = _layout(pipe)
         scheduler = pipe.scheduler
         config = scheduler.config
-        if "FlowMatch" in type(scheduler).__name__ or config.get("timestep_type", "discrete") != "discrete":
+        process = noise_process_from_config(scheduler)  # a config it cannot read is a ValueError naming the key
+        if process.kind != "vp" or config.get("timestep_type", "discrete") != "discrete":
             raise ValueError(
-                f"guide() needs a VP scheduler with discrete training timesteps; {type(scheduler).__name__} "
-                f"(timestep_type={config.get('timestep_type', 'discrete')!r}) is not supported"
+                f"guide() hooks pipelines whose network sees the VP sample at discrete training timesteps; "
+                f"{type(scheduler).__name__} ({process.kind} process, timestep_type="
+                f"{config.get('timestep_type', 'discrete')!r}) is not supported"
             )
         self.pipe, self.rule, self.check_finite = pipe, rule, bool(check_finite)
-        self.schedule = NoiseSchedule.from_config(config)
-        self.prediction_type = check_prediction_type(config.get("prediction_type", "epsilon"))
+        self.schedule = process
+        self.prediction_type = prediction_type_from_config(scheduler)
         self.network_calls = 0
         self.network_evaluations = 0
         self._step = 0

@@ -7,15 +7,19 @@
 Two samplers:
 
 - ``sampler="ancestral"`` (default): the ancestral DDPM sampler of both papers, built from the core
-  (:func:`~steerdiff.core.sde.ancestral_step` with eta = 1 = the DDPM posterior q(x_{i-1} | x_i, x0_hat)) on
-  ``num_inference_steps`` timesteps spaced "linspace" from T - 1 down to the clean end, using the schedule of
-  ``scheduler.config``.
+  (:func:`~steerdiff.core.sde.ancestral_step` with eta = 1 = the DDPM posterior q(x_{i-1} | x_i, x0_hat), written
+  in (alpha, sigma) so it serves VP and flow-matching processes alike) on ``num_inference_steps`` timesteps
+  from T - 1 down to 0 (DDPM's "linspace" rule, :func:`~steerdiff.core.timesteps.linspace_timesteps`), then the
+  clean end, with the noise process of ``scheduler.config``.
 - ``sampler="scheduler"``: ``self.scheduler.step`` of any diffusers or steerdiff scheduler.  The guidance works
-  in the variance-preserving coordinates of the papers: for schedulers whose state is x / alpha
-  (k-diffusion style sigmas: Euler, Heun, LMS, ...; ``init_noise_sigma`` != 1) the state is converted to x and
-  back around each update.  The noise level after step i is read from ``scheduler.sigmas`` when the scheduler
-  has them, else from its ``alphas_cumprod`` at the next timestep (the clean end after the last one).
+  on x_t = alpha x0 + sigma eps: for schedulers whose state is x / alpha (k-diffusion style sigmas: Euler,
+  Heun, LMS, ...; ``init_noise_sigma`` != 1) the state is converted to x and back around each update.  The noise
+  level after step i is read from ``scheduler.sigmas`` when the scheduler has them (sigma / alpha on VP, the
+  noise level s on flow matching), else from its noise process at the next timestep (the clean end after the
+  last one).
 
+The network is reached through the model boundary (:func:`~steerdiff.pipelines.conditioning.denoiser_for`), so
+any guidance rule works (``guidance_rule``: APG, weight schedules, interval, ...) besides a plain CFG weight.
 Per step the network is called once (twice the batch with classifier-free guidance) with autograd enabled
 when the method needs the gradient (MCG, DPS: one backward pass per step).  Randomness (initial noise,
 ancestral noise, the noise of the noised measurement) comes from the generators, one per sample when a list
@@ -35,14 +39,15 @@ from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 
-from ..core.prediction import to_x0
-from ..core.schedule import NoiseSchedule
+from ..core.grid import Grid, make_grid
+from ..core.process import noise_process_from_config, prediction_type_from_config
 from ..core.sde import ancestral_step, sample_noise
 from ..core.tensors import batch_norm, expand_to
-from ..core.timesteps import check_num_steps, spaced_timesteps, with_final
+from ..core.timesteps import linspace_timesteps, with_final
 from ..guidance.manifold import RestorationMethod, Unconditional
 from ..guidance.operators import InverseProblem, LinearOperator
 from .class_conditional import check_call_arguments, null_class_id, sample_shape
+from .conditioning import denoiser_for
 
 SAMPLERS = ("ancestral", "scheduler")
 
@@ -100,37 +105,29 @@ class RestorationPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels must lie in 0..{null - 1} (or {null} = unconditional), got {labels.tolist()}")
         return labels
 
-    def _predict(self, x, t, labels, guidance_scale):
-        """The network output at (x, t), with classifier-free guidance u + w (c - u) when w != 1."""
-        t = t.expand(x.shape[0])
-        if guidance_scale == 1.0:
-            return self.unet(x, t, class_labels=labels).sample
-        null = torch.full_like(labels, null_class_id(self.unet))
-        uncond, cond = self.unet(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([null, labels])).sample.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+    def _ancestral_grid(self, process, num_steps: int) -> Grid:
+        return make_grid(process, with_final(linspace_timesteps(process.num_train_timesteps, num_steps)), device=self.device)
 
-    def _ancestral_grid(self, num_steps: int):
-        schedule = NoiseSchedule.from_config(self.scheduler.config)
-        ts = with_final(spaced_timesteps(schedule.num_train_timesteps, num_steps, "linspace", device=self.device))
-        alphas, sigmas = schedule.alpha_sigma(ts)
-        return ts[:-1], alphas, sigmas, torch.ones_like(alphas)
-
-    def _scheduler_grid(self, num_steps: int):
-        """Timesteps and the VP level (alpha, sigma) of the state before each step and after the last, plus the
-        factor c with x_VP = c * state (1, or alpha for schedulers whose state is x / alpha)."""
+    def _scheduler_grid(self, process, num_steps: int):
+        """Timesteps and the level (alpha, sigma) of the state before each step and after the last, plus the
+        factor c with x = c * state (1, or alpha for schedulers whose state is x / alpha)."""
         sched = self.scheduler
         sched.set_timesteps(num_steps, device=self.device)
         ts = sched.timesteps
         sigmas = getattr(sched, "sigmas", None)
-        if torch.is_tensor(sigmas) and sigmas.numel() == ts.numel() + 1:
+        has_sigmas = torch.is_tensor(sigmas) and sigmas.numel() == ts.numel() + 1
+        if has_sigmas and process.kind == "flow":
+            s = sigmas.to(device=self.device, dtype=torch.float64)
+            levels = 1.0 - s, s
+        elif has_sigmas:
             sb = sigmas.to(device=self.device, dtype=torch.float64)
             alphas = torch.rsqrt(1 + sb * sb)
             levels = alphas, sb * alphas
         else:
-            levels = NoiseSchedule.from_config(sched.config).alpha_sigma(with_final(ts.to(self.device)))
+            levels = process.alpha_sigma(with_final(ts.to(self.device)))
         if float(sched.init_noise_sigma) == 1.0:
             scale = torch.ones_like(levels[0])
-        elif torch.is_tensor(sigmas) and sigmas.numel() == ts.numel() + 1:
+        elif has_sigmas and process.kind == "vp":
             scale = levels[0]
         else:
             raise ValueError(
@@ -149,6 +146,7 @@ class RestorationPipeline(DiffusionPipeline):
         sampler: str = "ancestral",
         class_labels: int | Sequence[int] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
+        guidance_rule=None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -164,6 +162,7 @@ class RestorationPipeline(DiffusionPipeline):
             sampler: "ancestral" (the papers' DDPM sampler) or "scheduler" (``self.scheduler``).
             class_labels: one class id per measurement for class-conditional models (None = the null class).
             guidance_scale: classifier-free guidance w in u + w (c - u) (1 = none; needs class_labels).
+            guidance_rule: any :mod:`steerdiff.guidance` rule instead of ``guidance_scale`` (needs class_labels).
             generator: one generator, or one per sample.
             latents: initial noise (B, C, H, W); drawn from ``generator`` when None.
             output_type: "pil", "np" or "pt" (images in [0, 1]) or "latent" (raw restorations in model space).
@@ -179,23 +178,30 @@ class RestorationPipeline(DiffusionPipeline):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         check_call_arguments(num_inference_steps, guidance_scale, output_type)
+        if guidance_rule is not None and guidance_scale != 1.0:
+            raise ValueError("give guidance_scale or guidance_rule, not both (the rule sets the guidance)")
+        guidance = guidance_scale if guidance_rule is None else guidance_rule
+        process = noise_process_from_config(self.scheduler)
+        prediction_type = prediction_type_from_config(self.scheduler)
         dtype, device = self.unet.dtype, self.device
         y = measurement.to(device=device, dtype=dtype)
         batch = y.shape[0]
-        labels = self._labels(class_labels, batch, guidance_scale)
+        labels = self._labels(class_labels, batch, 2.0 if guidance_rule is not None else guidance_scale)
+        denoiser = denoiser_for(self.unet, process, prediction_type, guidance, cond=labels)
         if latents is None:
             latents = sample_noise((batch, *shape), generator, device, dtype)
         elif tuple(latents.shape) != (batch, *shape):
             raise ValueError(f"latents must have shape {(batch, *shape)}, got {tuple(latents.shape)}")
 
         if sampler == "ancestral":
-            check_num_steps(num_inference_steps, NoiseSchedule.from_config(self.scheduler.config).num_train_timesteps)
-            timesteps, alphas, sigmas, scale = self._ancestral_grid(num_inference_steps)
+            grid = self._ancestral_grid(process, num_inference_steps)
+            timesteps, alphas, sigmas = grid.timesteps, grid.alpha, grid.sigma
+            scale = torch.ones_like(alphas)
             step_kwargs = {}
         else:
-            timesteps, alphas, sigmas, scale = self._scheduler_grid(num_inference_steps)
+            timesteps, alphas, sigmas, scale = self._scheduler_grid(process, num_inference_steps)
             step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        denoiser.reset(timesteps)
         state = latents.to(device, dtype)
         if sampler == "scheduler":
             state = state * self.scheduler.init_noise_sigma
@@ -205,8 +211,8 @@ class RestorationPipeline(DiffusionPipeline):
             x = self.scheduler.scale_model_input(state, t) if sampler == "scheduler" else state  # the VP sample
             with torch.set_grad_enabled(method.uses_gradient):
                 x = x.detach().requires_grad_(method.uses_gradient)
-                out = self._predict(x, t, labels, guidance_scale)
-                x0_hat = to_x0(out, x, a, s, prediction_type)
+                pred = denoiser.predict(x, t, a, s, step=i)
+                out, x0_hat = pred.output, pred.x0
                 residual = y - operator.forward(x0_hat)
             calls += 1
             if return_residuals:

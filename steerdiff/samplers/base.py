@@ -1,17 +1,29 @@
 """The diffusers scheduler contract shared by steerdiff's momentum samplers.
 
 :class:`MomentumScheduler` turns a deterministic one-network-call-per-step solver of the probability-flow ODE
-into a diffusers ``SchedulerMixin`` / ``ConfigMixin``: config -> :class:`~steerdiff.core.NoiseSchedule`,
-``set_timesteps`` (``timestep_spacing``, ``steps_offset``, custom timesteps), step bookkeeping with
-``set_begin_index``, ``scale_model_input``, ``add_noise``, validation and the NaN/Inf watch.  A subclass
-writes only its update ``_update(i, model_output, sample) -> prev_sample`` from core/ functions and keeps its
-memory in a :class:`~steerdiff.core.momentum.MomentumState`.
+into a diffusers ``SchedulerMixin`` / ``ConfigMixin``: config -> noise process (VP
+:class:`~steerdiff.core.NoiseSchedule` or flow-matching :class:`~steerdiff.core.FlowMatchSchedule`,
+:func:`~steerdiff.core.noise_process_from_config`), ``set_timesteps`` through the one grid resolver
+(:func:`~steerdiff.core.grid.resolve_grid`), step bookkeeping with ``set_begin_index``, ``scale_model_input``,
+``add_noise`` / ``scale_noise``, validation and the NaN/Inf watch.  A subclass writes only its update
+``_update(i, model_output, sample) -> prev_sample`` from core/ functions and keeps its memory in a
+:class:`~steerdiff.core.momentum.MomentumState`.
+
+Both families
+    ``X.from_config(config)`` reads the family from the config it is given (a ``FlowMatch*`` class,
+    ``use_flow_sigmas``, ``prediction_type="flow_prediction"`` or steerdiff's own ``noise_process`` key) and
+    records it as ``noise_process`` ("vp" or "flow"), with the flow model's velocity prediction
+    (``prediction_type="flow_prediction"``) unless the config names another.  Every step is written once in
+    (alpha, sigma), so the same solver integrates the VP probability-flow ODE and the flow ODE; order-1 steps
+    are exactly DDIM on VP grids and ``FlowMatchEulerDiscreteScheduler`` on flow grids.
 
 Grid
-    ``set_timesteps`` spaces N timesteps t_0 > ... > t_{N-1} with diffusers' DPMSolverMultistepScheduler rules
-    and appends the end of sampling: sigma = 0 (``final_sigmas_type="zero"``) or timestep 0
-    (``"sigma_min"``).  alpha, sigma and lambda of the N + 1 grid points are computed once, in float64, and
-    kept on the device, so ``step()`` only indexes them.
+    VP: ``set_timesteps`` spaces N timesteps t_0 > ... > t_{N-1} with diffusers' DPMSolverMultistepScheduler
+    rules and appends the end of sampling: sigma = 0 (``final_sigmas_type="zero"``) or timestep 0
+    (``"sigma_min"``).  Flow: the sigmas of ``FlowMatchEulerDiscreteScheduler`` (shift, dynamic shifting with
+    the pipeline's ``mu``, ``shift_terminal``, Karras / exponential / beta spacing), or the pipeline's
+    ``sigmas=`` / ``timesteps=``, then sigma = 0.  alpha, sigma and lambda of the N + 1 grid points are computed
+    once, in float64, and kept on the device, so ``step()`` only indexes them.
 
 No host synchronisation in ``step()``
     ``step()`` never reads a device tensor on the host: it counts steps instead of looking the timestep up
@@ -36,31 +48,14 @@ from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerOutput
 
-from ..core.prediction import check_prediction_type, to_eps, to_x0
-from ..core.schedule import NoiseSchedule
-from ..core.steps import euler_step, exponential_step
+from ..core.denoiser import Prediction
+from ..core.grid import FINAL_SIGMAS_TYPES, Grid, check_choice, resolve_grid
+from ..core.prediction import to_eps, to_x0
+from ..core.process import NOISE_PROCESSES, as_config, noise_process_family, noise_process_from_config, prediction_type_from_config
 from ..core.tensors import check_finite, expand_to
-from ..core.timesteps import TIMESTEP_SPACINGS, spaced_timesteps
+from ..core.timesteps import TIMESTEP_SPACINGS
 
-FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 NONFINITE_CHECKS = ("auto", "eager", "deferred", "off")
-
-
-def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def _custom_timesteps(timesteps, num_train_timesteps: int) -> torch.Tensor:
-    """User timesteps as a decreasing 1-D tensor in [0, T - 1]: int64 when all are integers, else float64."""
-    ts = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu()
-    if ts.ndim != 1 or ts.numel() < 1:
-        raise ValueError(f"timesteps must be a non-empty 1-D sequence, got shape {tuple(ts.shape)}")
-    if not bool(torch.isfinite(ts).all()) or bool((ts < 0).any()) or bool((ts > num_train_timesteps - 1).any()):
-        raise ValueError(f"timesteps must lie in [0, num_train_timesteps - 1 = {num_train_timesteps - 1}]")
-    if bool((ts[1:] >= ts[:-1]).any()):
-        raise ValueError("timesteps must be strictly decreasing (from noise to data)")
-    return ts.long() if bool((ts == ts.round()).all()) else ts
 
 
 def _host_timestep(timestep) -> float | None:
@@ -79,19 +74,23 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
 
     Shared options (every subclass accepts them as keywords, keeps them in its config and reloads them):
 
-    - ``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule`` (linear, scaled_linear,
+    - ``noise_process``: "vp" or "flow" (``from_config`` sets it from the config it reads);
+    - VP: ``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule`` (linear, scaled_linear,
       squaredcos_cap_v2), ``trained_betas``, ``rescale_betas_zero_snr``: the training noise schedule, read
-      as diffusers reads it;
-    - ``prediction_type``: epsilon, v_prediction or sample;
-    - ``timestep_spacing`` (linspace, leading, trailing) and ``steps_offset``: diffusers' spacing rules;
-    - ``final_sigmas_type``: end sampling at sigma = 0 ("zero") or at timestep 0 ("sigma_min");
+      as diffusers reads it; ``timestep_spacing`` (linspace, leading, trailing) and ``steps_offset``;
+      ``final_sigmas_type``: end sampling at sigma = 0 ("zero") or at timestep 0 ("sigma_min");
+    - flow: ``FlowMatchEulerDiscreteScheduler``'s ``shift``, ``use_dynamic_shifting``, ``base_shift``,
+      ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len``, ``shift_terminal``, ``time_shift_type``,
+      ``use_karras_sigmas`` / ``use_exponential_sigmas`` / ``use_beta_sigmas``, ``invert_sigmas`` (refused);
+    - ``prediction_type``: epsilon, v_prediction, sample or flow_prediction (None: flow_prediction on a flow
+      process, else epsilon);
     - ``nonfinite_check``: auto, eager, deferred or off (module docstring).
 
-    ``order`` is diffusers' number of network calls per step (1); a sampler's multistep order is
-    ``config.order``.
+    Setting a key of the other family away from its default is a ValueError naming it.  ``order`` is diffusers'
+    number of network calls per step (1); a sampler's multistep order is ``config.order``.
     """
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler"]
     order = 1
     init_noise_sigma = 1.0
 
@@ -102,39 +101,88 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas=None,
-        prediction_type: str = "epsilon",
+        prediction_type: str | None = None,
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
         final_sigmas_type: str = "zero",
         rescale_betas_zero_snr: bool = False,
         nonfinite_check: str = "auto",
+        noise_process: str = "vp",
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        shift_terminal: float | None = None,
+        time_shift_type: str = "exponential",
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        invert_sigmas: bool = False,
     ):
-        check_prediction_type(prediction_type)
-        _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        _check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
-        _check_choice("nonfinite_check", nonfinite_check, NONFINITE_CHECKS)
+        check_choice("noise_process", noise_process, NOISE_PROCESSES)
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
+        check_choice("nonfinite_check", nonfinite_check, NONFINITE_CHECKS)
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, Integral) or steps_offset < 0:
             raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset!r}")
         if trained_betas is not None and len(trained_betas) != num_train_timesteps:
             raise ValueError(
                 f"trained_betas has {len(trained_betas)} entries but num_train_timesteps is {num_train_timesteps}"
             )
-        self._schedule = NoiseSchedule.from_config(
-            dict(
-                num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                beta_schedule=beta_schedule, trained_betas=trained_betas, rescale_betas_zero_snr=rescale_betas_zero_snr,
-            )
-        )
-        self.alphas_cumprod = self._schedule.alphas_cumprod.float()
+        config = dict(self.config)
+        config["prediction_type"] = prediction_type
+        if noise_process == "vp":
+            spacing = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if config[k]]
+            if spacing:
+                raise ValueError(f"{spacing[0]}=True is supported on flow-matching grids only; this scheduler's noise process is VP")
+        self._process = noise_process_from_config(config)  # checks the keys of both families against each other
+        resolved = prediction_type_from_config(config)
+        if prediction_type is None:
+            self.register_to_config(prediction_type=resolved)
+        if noise_process == "vp":
+            self.alphas_cumprod = self._process.alphas_cumprod.float()
+            self.betas = 1.0 - self.alphas_cumprod / torch.cat([torch.ones(1), self.alphas_cumprod[:-1]])
+            self.alphas = 1.0 - self.betas
         self.timesteps: torch.Tensor | None = None
+        self.sigmas: torch.Tensor | None = None
         self.num_inference_steps: int | None = None
+        self._grid: Grid | None = None
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._first_nonfinite: torch.Tensor | None = None
 
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """diffusers' ``from_config``, reading the noise process of ``config`` first: a flow-matching config
+        (FlowMatchEulerDiscreteScheduler's, or a DPM-Solver / UniPC one with ``use_flow_sigmas``) gives
+        ``noise_process="flow"``, its shift (``flow_shift`` for the latter) and the velocity prediction.
+        Contradicting keys are a ValueError."""
+        source = dict(as_config(config)) if config is not None else {}
+        if "noise_process" not in kwargs:
+            probe = {**source, **{k: v for k, v in kwargs.items() if k in ("prediction_type", "use_flow_sigmas")}}
+            family = noise_process_family(probe)
+            kwargs["noise_process"] = family
+            if family == "flow":
+                kwargs.setdefault("prediction_type", prediction_type_from_config(probe))
+                if source.get("use_flow_sigmas") and "flow_shift" in source and "shift" not in source:
+                    kwargs.setdefault("shift", float(source["flow_shift"]))
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     # -- the diffusers contract -----------------------------------------------------------------------
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+    @property
+    def noise_process(self):
+        """The :class:`~steerdiff.core.process.NoiseProcess` this scheduler integrates."""
+        return self._process
+
+    @property
+    def grid(self) -> Grid | None:
+        """The current run's :class:`~steerdiff.core.grid.Grid` (None before ``set_timesteps``)."""
+        return self._grid
 
     @property
     def step_index(self) -> int | None:
@@ -153,29 +201,34 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = int(begin_index)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """The network sees x_t itself (variance-preserving schedule): returns ``sample``."""
+        """The network sees x_t itself: returns ``sample``."""
         return sample
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None) -> None:
-        """Lay out the grid of ``num_inference_steps`` steps (or the given decreasing ``timesteps``; integers
-        or fractional values in [0, T - 1]) on ``device``, and reset the sampler's memory."""
-        T = self.config.num_train_timesteps
-        if (num_inference_steps is None) == (timesteps is None):
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device=None,
+        timesteps=None,
+        sigmas=None,
+        mu: float | None = None,
+    ) -> None:
+        """Lay out the grid on ``device`` and reset the sampler's memory.
+
+        VP: ``num_inference_steps`` steps or the given decreasing ``timesteps`` (integers or fractional values
+        in [0, T - 1]).  Flow: ``num_inference_steps`` and/or the pipeline's ``sigmas`` / ``timesteps``, with
+        ``mu`` for dynamic shifting, exactly as ``FlowMatchEulerDiscreteScheduler.set_timesteps``."""
+        c = self.config
+        if c.noise_process == "vp" and (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps()")
-        if timesteps is None:
-            ts = spaced_timesteps(T, num_inference_steps, self.config.timestep_spacing, self.config.steps_offset)
-        else:
-            ts = _custom_timesteps(timesteps, T)
-        end = -1 if self.config.final_sigmas_type == "zero" else 0
-        grid = torch.cat([ts, torch.full((1,), end, dtype=ts.dtype)])
-        device = torch.device("cpu" if device is None else device)
-        table = dict(device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
-        alphas, sigmas = self._schedule.alpha_sigma(grid)
-        self._alphas, self._sigmas = alphas.to(**table), sigmas.to(**table)
-        self._lambdas = self._schedule.lambda_(grid).to(**table)
-        self._grid_on_host = grid.tolist()
-        self.timesteps = ts.to(device)
-        self.num_inference_steps = ts.numel()
+        self._grid = grid = resolve_grid(
+            self._process, num_inference_steps, timesteps=timesteps, sigmas=sigmas, mu=mu,
+            timestep_spacing=c.timestep_spacing, steps_offset=c.steps_offset, final_sigmas_type=c.final_sigmas_type,
+            device=device,
+        )
+        self.timesteps = grid.timesteps
+        # diffusers' ``sigmas`` (on the CPU): the flow noise level s, or the VP sigma_bar of DPM-Solver / Euler
+        self.sigmas = (grid.sigma_host if c.noise_process == "flow" else grid.sigma_bar_host).to(torch.float32)
+        self.num_inference_steps = grid.num_steps
         self._momentum.reset()
         self._step_index = None
         self._begin_index = None
@@ -208,8 +261,34 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = alpha_t x_0 + sigma_t noise, per sample for (B,) ``timesteps``, on the samples' device and dtype."""
         t = torch.as_tensor(timesteps, device=original_samples.device)
-        alpha, sigma = self._schedule.alpha_sigma(t)
+        alpha, sigma = self._process.alpha_sigma(t)
         return expand_to(alpha, original_samples) * original_samples + expand_to(sigma, original_samples) * noise
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow matching's forward process for img2img, as ``FlowMatchEulerDiscreteScheduler.scale_noise``:
+        (1 - s) sample + s noise, with s the grid sigma at the run's begin index (``set_begin_index``) or, without
+        one, at the grid point of each given timestep."""
+        if self._process.kind != "flow":
+            raise ValueError("scale_noise is the flow-matching forward process; a VP scheduler noises with add_noise")
+        if self._grid is None:
+            raise ValueError(f"call set_timesteps() before scale_noise() on {type(self).__name__}")
+        if noise is None:
+            raise ValueError("scale_noise needs the noise tensor")
+        t = torch.as_tensor(timestep).reshape(-1).to(torch.float64).cpu()
+        if self._begin_index is not None or self._step_index is not None:
+            index = self._step_index if self._step_index is not None else self._begin_index
+            indices = [index] * t.numel()
+        else:
+            grid_t = torch.tensor(self._grid.t_host[:-1], dtype=torch.float64)
+            indices = []
+            for value in t.tolist():
+                hits = torch.nonzero(grid_t == value).flatten()
+                if hits.numel() == 0:
+                    raise ValueError(f"timestep {value:g} is not on this run's grid; call set_begin_index() for img2img")
+                indices.append(int(hits[1 if hits.numel() > 1 else 0]))
+        s = self._grid.sigma[indices].to(device=sample.device, dtype=sample.dtype)
+        s = expand_to(s.reshape(-1) if s.numel() > 1 else s.reshape(()), sample)
+        return s * noise + (1.0 - s) * sample
 
     @property
     def first_nonfinite_step(self) -> torch.Tensor | None:
@@ -219,24 +298,22 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
 
     # -- shared pieces of the updates -----------------------------------------------------------------
     def _eps(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        return to_eps(model_output, sample, self._alphas[i], self._sigmas[i], self.config.prediction_type)
+        a, s = self._grid.point(i)
+        return to_eps(model_output, sample, a, s, self.config.prediction_type)
 
     def _data(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        return to_x0(model_output, sample, self._alphas[i], self._sigmas[i], self.config.prediction_type)
+        a, s = self._grid.point(i)
+        return to_x0(model_output, sample, a, s, self.config.prediction_type)
 
-    def _euler(self, i: int, sample: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-        """x_bar_{i+1} = x_bar_i + (sigma_bar_{i+1} - sigma_bar_i) direction."""
-        a, s = self._alphas, self._sigmas
-        return euler_step(sample, direction, a[i], s[i], a[i + 1], s[i + 1])
-
-    def _exponential(self, i: int, sample: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-        """x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} (1 - e^{-h}) data."""
-        a, s = self._alphas, self._sigmas
-        return exponential_step(sample, data, a[i], s[i], a[i + 1], s[i + 1])
+    def _euler(self, i: int, sample: torch.Tensor, direction: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        """x_bar_{i+1} = x_bar_i + (sigma_bar_{i+1} - sigma_bar_i) direction (:meth:`Grid.euler`; from pure noise
+        the step uses the data prediction of ``model_output``)."""
+        grid = self._grid
+        return grid.euler(i, sample, direction, Prediction(model_output, sample, *grid.point(i), self.config.prediction_type))
 
     # -- bookkeeping ----------------------------------------------------------------------------------
     def _next_step_index(self, timestep) -> int:
-        if self.timesteps is None:
+        if self._grid is None:
             raise ValueError(f"call set_timesteps(num_inference_steps) before step() on {type(self).__name__}")
         i = self._step_index if self._step_index is not None else (self._begin_index or 0)
         n = self.num_inference_steps
@@ -244,7 +321,7 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"step() called after the last of num_inference_steps = {n} steps; call set_timesteps() for a new run"
             )
-        given, expected = _host_timestep(timestep), self._grid_on_host[i]
+        given, expected = _host_timestep(timestep), self._grid.t_host[i]
         if given is not None and given != expected:
             raise ValueError(
                 f"timestep {given:g} is not the next timestep of this run (step {i} of {n} is at {expected:g}); "
@@ -259,7 +336,7 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         if mode == "eager" or (mode == "auto" and model_output.device.type == "cpu"):
             # a sum is NaN/Inf whenever an entry is (and, rarely, on overflow): one cheap pass, then the exact check
             if not bool(torch.isfinite(model_output.sum())):
-                check_finite(model_output, f"model_output (timestep {self._grid_on_host[i]:g})", step=i)
+                check_finite(model_output, f"model_output (timestep {self._grid.t_host[i]:g})", step=i)
             return
         bad = ~torch.isfinite(model_output).all()
         first = self._first_nonfinite
@@ -273,7 +350,7 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         k = int(self._first_nonfinite)  # the one host read of a deferred run, at its last step
         if k >= 0:
             raise FloatingPointError(
-                f"model_output held NaN/Inf values, first at step {k} (timestep {self._grid_on_host[k]:g}) of "
+                f"model_output held NaN/Inf values, first at step {k} (timestep {self._grid.t_host[k]:g}) of "
                 f"{self.num_inference_steps}; found at the last step because nonfinite_check checks on the device "
                 "without synchronising (use nonfinite_check='eager' to stop at the bad step)"
             )

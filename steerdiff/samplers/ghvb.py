@@ -40,4 +40,4 @@ class GHVBScheduler(MomentumScheduler):
 
     def _update(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         direction = ghvb_direction(self._momentum, self._eps(i, model_output, sample), self.config.order)
-        return self._euler(i, sample, direction)
+        return self._euler(i, sample, direction, model_output)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..core.momentum import MomentumState, check_order, plms_hb_direction
-from ..core.steps import dpmpp_2m_data, dpmpp_2m_first_order, step_ratio
+from ..core.steps import dpmpp_2m_data
 from .base import MomentumScheduler, schedule_options
 
 
@@ -36,7 +36,7 @@ class HeavyBallPLMSScheduler(MomentumScheduler):
 
     def _update(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         direction = plms_hb_direction(self._momentum, self._eps(i, model_output, sample), self.config.order)
-        return self._euler(i, sample, direction)
+        return self._euler(i, sample, direction, model_output)
 
 
 class HeavyBallDPMSolverScheduler(MomentumScheduler):
@@ -58,15 +58,12 @@ class HeavyBallDPMSolverScheduler(MomentumScheduler):
         self._momentum = MomentumState(beta, history_length=1)
 
     def _update(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        grid = self._grid
         data = self._data(i, model_output, sample)
         previous = self._momentum.history
-        ends_clean = self.config.final_sigmas_type == "zero"
-        if len(previous) == 0 or dpmpp_2m_first_order(
-            i, self.num_inference_steps, self.config.lower_order_final, ends_clean
-        ):
+        if len(previous) == 0 or grid.first_order(i, self.config.lower_order_final):
             combined = data
         else:
-            lam = self._lambdas
-            combined = self._momentum.average(dpmpp_2m_data(data, previous[0], step_ratio(lam[i - 1], lam[i], lam[i + 1])))
+            combined = self._momentum.average(dpmpp_2m_data(data, previous[0], grid.ratio(i)))
         previous.push(data)
-        return self._exponential(i, sample, combined)
+        return grid.exponential(i, sample, combined)
