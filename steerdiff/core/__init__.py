@@ -14,7 +14,7 @@ from .stability import real_axis_stability_edge
 from .steps import dpm_solver_2m_eps
 from .steps import dpmpp_2m_data, dpmpp_2m_first_order, euler_step, exp_neg_h, exponential_step, step_ratio
 from .tensors import batch_dot, batch_norm, check_finite, expand_to
-from .timesteps import TIMESTEP_SPACINGS, spaced_timesteps, with_final
+from .timesteps import TIMESTEP_SPACINGS, linspace_timesteps, spaced_timesteps, with_final
 
 __all__ = [
     "Denoiser", "FlowMatchSchedule", "Grid", "GuidanceState", "NoiseProcess", "Prediction", "as_denoiser", "make_grid",
@@ -25,5 +25,5 @@ __all__ = [
     "exp_neg_h", "expand_to", "exponential_step", "from_eps", "from_x0", "get_sampler", "ghvb_direction", "heavy_ball",
     "order_and_beta", "plms_hb_direction", "real_axis_stability_edge", "sample_ddim",
     "sample_dpmpp_2m", "sample_noise", "sample_plms", "spaced_timesteps", "step_ratio", "to_eps", "to_x0",
-    "with_final", "dpm_solver_2m_eps",
+    "with_final", "dpm_solver_2m_eps", "linspace_timesteps",
 ]

@@ -96,7 +96,10 @@ class GuidanceState:
         return self.sample.device
 
     def _per_sample(self, value) -> torch.Tensor:
-        v = torch.as_tensor(value, device=self.device).to(torch.float64).reshape(-1)
+        if torch.is_tensor(value):
+            v = value.to(device=self.device, dtype=torch.float64).reshape(-1)
+        else:  # Python numbers: float64 directly, not through float32
+            v = torch.as_tensor(value, dtype=torch.float64, device=self.device).reshape(-1)
         if v.numel() == 1:
             return v.expand(self.batch_size)
         if v.numel() != self.batch_size:

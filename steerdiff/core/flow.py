@@ -140,6 +140,10 @@ class FlowMatchSchedule(NoiseProcess):
         s = self.noise_level(t)
         return (1.0 - s).to(dtype), s.to(dtype)
 
+    def alpha_integrals(self, sigma_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow: alpha = 1 / (1 + rho), so the integrals are rho / (1 + rho) = s and log(1 + rho) = -log(1 - s)."""
+        return sigma_bar / (1 + sigma_bar), torch.log1p(sigma_bar)
+
     def progress(self, t) -> torch.Tensor:
         """s = t / T: the noise level itself (1 = pure noise, 0 = clean)."""
         return self.noise_level(t)

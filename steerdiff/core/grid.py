@@ -17,7 +17,7 @@ as ``FlowMatchEulerDiscreteScheduler`` builds them (:meth:`FlowMatchSchedule.inf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,7 @@ class Grid:
     sigma_bar_host: torch.Tensor  # sigma_bar on the CPU (float64)
     starts_at_pure_noise: bool  # alpha_0 = 0 (flow grids from s = 1): the x / alpha form is singular there
     ends_clean: bool  # sigma_N = 0
+    points: list = field(default_factory=list)  # (alpha_i, sigma_i) as separate 0-d tensors, see point()
 
     @property
     def num_steps(self) -> int:
@@ -83,7 +84,11 @@ class Grid:
         return dpmpp_2m_first_order(i, self.num_steps, lower_order_final, self.ends_clean)
 
     def point(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.alpha[i], self.sigma[i]
+        """(alpha_i, sigma_i) as 0-d tensors of their own (not views of the tables), so that an autograd graph that
+        saves them keeps 16 bytes alive, not the whole grid."""
+        if not self.points:
+            self.points = [(a.clone(), s.clone()) for a, s in zip(self.alpha, self.sigma)]
+        return self.points[i]
 
 
 def make_grid(process: NoiseProcess, timesteps, sigmas=None, device=None) -> Grid:

@@ -197,6 +197,12 @@ class NoiseProcess:
         log_a, log_s = self.log_alpha_sigma(t)
         return torch.exp(log_s - log_a).to(dtype)
 
+    def alpha_integrals(self, sigma_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int_0^rho alpha^2 d rho', int_0^rho alpha d rho') at rho = ``sigma_bar``, with alpha as a function of
+        rho = sigma / alpha: the clocks in which the adjoint of the x / alpha ODE takes exact steps
+        (:mod:`steerdiff.pipelines.adjoint`)."""
+        raise NotImplementedError
+
     def progress(self, t) -> torch.Tensor:
         """Noise-level progress in [0, 1] (1 = pure noise, 0 = clean), the variable of guidance weight schedules."""
         raise NotImplementedError

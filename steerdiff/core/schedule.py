@@ -74,6 +74,7 @@ class NoiseSchedule(NoiseProcess):
         self.final_alpha_cumprod = float(final_alpha_cumprod)
         self.log_alphas = 0.5 * torch.log(ac)
         self.num_train_timesteps = ac.numel()
+        self.betas: torch.Tensor | None = None  # the betas it was built from (from_config), when known
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- construction -------------------------------------------------------------------------------
@@ -115,7 +116,9 @@ class NoiseSchedule(NoiseProcess):
         if zero_snr:
             ac[-1] = 2**-24
         final = 1.0 if get("set_alpha_to_one", True) else float(ac[0])
-        return cls(ac, final_alpha_cumprod=final, clamped_terminal=zero_snr)
+        schedule = cls(ac, final_alpha_cumprod=final, clamped_terminal=zero_snr)
+        schedule.betas = betas  # float32, as diffusers' schedulers hold them
+        return schedule
 
     # -- queries --------------------------------------------------------------------------------------
     def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +151,10 @@ class NoiseSchedule(NoiseProcess):
 
     def sigma(self, t, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return torch.sqrt(-torch.expm1(2 * self.log_alpha(t))).to(dtype)
+
+    def alpha_integrals(self, sigma_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VP: alpha = (1 + rho^2)^(-1/2), so the integrals are atan(rho) and asinh(rho)."""
+        return torch.atan(sigma_bar), torch.asinh(sigma_bar)
 
     def progress(self, t) -> torch.Tensor:
         """s = t / (T - 1) clamped to [0, 1]: the trained timesteps run 0..T-1 (T - 1 = pure noise)."""

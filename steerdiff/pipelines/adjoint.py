@@ -25,8 +25,9 @@ order 1 is DDIM (:func:`~steerdiff.core.steps.euler_step` on eps), order 2 is DP
     step holds only the network terms constant (order 1; at order 2 it adds the DPM-Solver-2M correction of the
     last two values, :func:`~steerdiff.core.steps.dpm_solver_2m_eps`) and integrates the known factors
     exactly: each component takes an Euler step (:func:`~steerdiff.core.steps.euler_step`) in its own clock,
-    rho for y, atan(rho) for a_y (d atan rho = alpha^2 d rho), asinh(rho) for a_c and a_theta
-    (d asinh rho = alpha d rho).  Freezing alpha too (plain Euler in rho, as a generic solver on AdjointDPM's
+    rho for y, int alpha^2 d rho for a_y, int alpha d rho for a_c and a_theta (VP, alpha = (1 + rho^2)^(-1/2):
+    atan(rho) and asinh(rho); flow matching, alpha = 1 / (1 + rho): s and -log(1 - s);
+    :meth:`~steerdiff.core.process.NoiseProcess.alpha_integrals`).  Freezing alpha too (plain Euler in rho, as a generic solver on AdjointDPM's
     augmented ODE does) is a poor approximation where rho grows by large factors per step near x_T: there
     a_y ~ 1 / rho decays like a stiff mode.  Each backward step is one network call and one vector-Jacobian
     product at the reconstructed state, at the forward grid's points t_{N-1}, ..., t_1.  The final step, into
@@ -90,10 +91,10 @@ class AdjointResult:
 
 
 # -- the grid and one step -------------------------------------------------------------------------------
-def _clocks(grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clocks of the adjoint states on the grid: atan(rho) for a_y (d atan rho = alpha^2 d rho) and asinh(rho)
-    for a_c and a_theta (d asinh rho = alpha d rho), with rho = sigma_bar = sigma / alpha."""
-    return torch.atan(grid.sigma_bar), torch.asinh(grid.sigma_bar)
+def _clocks(process: NoiseProcess, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clocks of the adjoint states on the grid, with rho = sigma_bar = sigma / alpha: int alpha^2 d rho for a_y
+    and int alpha d rho for a_c and a_theta (VP: atan(rho), asinh(rho); flow: s, -log(1 - s))."""
+    return process.alpha_integrals(grid.sigma_bar)
 
 
 def _clock_step(v: torch.Tensor, direction: torch.Tensor, clock_s, clock_t) -> torch.Tensor:
@@ -146,7 +147,7 @@ class _Problem:
         if self.cond_differentiable:
             denoiser.cond = cond.detach().requires_grad_(True)
         self.cond = denoiser.cond
-        self.atan_rho, self.asinh_rho = _clocks(grid)
+        self.clock_y, self.clock_c = _clocks(denoiser.process, grid)
         self.param_names = list(params)
         self.params = list(params.values())
         self.nfe = 0
@@ -155,7 +156,7 @@ class _Problem:
         """The guided prediction at grid point i (the rule sees evaluation index i, also in the backward pass)."""
         g = self.grid
         self.nfe += 1
-        return self.denoiser.predict(x, g.t[i], g.alpha[i], g.sigma[i], step=i)
+        return self.denoiser.predict(x, g.t[i], *g.point(i), step=i)
 
     def eps(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """The guided noise prediction at grid point i."""
@@ -276,11 +277,11 @@ def _adjoint(problem: _Problem, x_T: torch.Tensor, order: int, seed_grad):
             direction = [None if d is None else dpm_solver_2m_eps(d, p, r) for d, p in zip(deriv, prev)]
         d_eps, d_ay, d_cond, d_params = direction[0], direction[1], direction[2], direction[3:]
         x = euler_step(x, d_eps, g.alpha[k], g.sigma[k], g.alpha[k - 1], g.sigma[k - 1])
-        atan_rho, asinh_rho = problem.atan_rho, problem.asinh_rho
-        a_y = _clock_step(a_y, d_ay, atan_rho[k], atan_rho[k - 1])
+        clock_y, clock_c = problem.clock_y, problem.clock_c
+        a_y = _clock_step(a_y, d_ay, clock_y[k], clock_y[k - 1])
         if a_cond is not None:
-            a_cond = _clock_step(a_cond, d_cond, asinh_rho[k], asinh_rho[k - 1])
-        a_params = [_clock_step(a, d, asinh_rho[k], asinh_rho[k - 1]) for a, d in zip(a_params, d_params)]
+            a_cond = _clock_step(a_cond, d_cond, clock_c[k], clock_c[k - 1])
+        a_params = [_clock_step(a, d, clock_c[k], clock_c[k - 1]) for a, d in zip(a_params, d_params)]
         watch.update(k, [a_y, *([a_cond] if a_cond is not None else []), *a_params])
         state_bytes = max(state_bytes, _nbytes([x, a_y, *(prev or [])]))
         if k > 1:

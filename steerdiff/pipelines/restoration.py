@@ -10,7 +10,7 @@ Two samplers:
   (:func:`~steerdiff.core.sde.ancestral_step` with eta = 1 = the DDPM posterior q(x_{i-1} | x_i, x0_hat), written
   in (alpha, sigma) so it serves VP and flow-matching processes alike) on ``num_inference_steps`` timesteps
   from T - 1 down to 0 (DDPM's "linspace" rule, :func:`~steerdiff.core.timesteps.linspace_timesteps`), then the
-  clean end, with the noise process of ``scheduler.config``.
+  clean end, with the noise process of ``scheduler.config``; on a flow process N equal steps in s from 1 to 0.
 - ``sampler="scheduler"``: ``self.scheduler.step`` of any diffusers or steerdiff scheduler.  The guidance works
   on x_t = alpha x0 + sigma eps: for schedulers whose state is x / alpha (k-diffusion style sigmas: Euler,
   Heun, LMS, ...; ``init_noise_sigma`` != 1) the state is converted to x and back around each update.  The noise
@@ -106,7 +106,12 @@ class RestorationPipeline(DiffusionPipeline):
         return labels
 
     def _ancestral_grid(self, process, num_steps: int) -> Grid:
-        return make_grid(process, with_final(linspace_timesteps(process.num_train_timesteps, num_steps)), device=self.device)
+        """VP: DDPM's timesteps T - 1 .. 0, then the clean end; flow: s = 1 - i / N, pure noise to data in N
+        equal steps (t = 0 is already clean there)."""
+        T = process.num_train_timesteps
+        if process.kind == "flow":
+            return make_grid(process, torch.linspace(T, 0, num_steps + 1, dtype=torch.float64), device=self.device)
+        return make_grid(process, with_final(linspace_timesteps(T, num_steps)), device=self.device)
 
     def _scheduler_grid(self, process, num_steps: int):
         """Timesteps and the level (alpha, sigma) of the state before each step and after the last, plus the

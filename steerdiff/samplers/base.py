@@ -143,7 +143,7 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
             self.register_to_config(prediction_type=resolved)
         if noise_process == "vp":
             self.alphas_cumprod = self._process.alphas_cumprod.float()
-            self.betas = 1.0 - self.alphas_cumprod / torch.cat([torch.ones(1), self.alphas_cumprod[:-1]])
+            self.betas = self._process.betas  # what diffusers' code and tests read
             self.alphas = 1.0 - self.betas
         self.timesteps: torch.Tensor | None = None
         self.sigmas: torch.Tensor | None = None

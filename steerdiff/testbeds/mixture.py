@@ -3,7 +3,8 @@
 Data
     p(x0) = sum_k w_k N(x0; mu_k, diag(s_k^2)),   x0 in R^D,   w_k >= 0, sum_k w_k = 1, s_k^2 > 0.
 
-Noising (variance preserving, x_t = alpha_t x0 + sigma_t eps, alpha_t^2 + sigma_t^2 = 1)
+Noising (x_t = alpha_t x0 + sigma_t eps: variance preserving, alpha_t^2 + sigma_t^2 = 1, or flow matching,
+alpha = 1 - s, sigma = s with s = t / T; every formula below holds for any (alpha, sigma))
     Component k stays Gaussian: x_t | k ~ N(alpha mu_k, diag(v_k)),  v_k = alpha^2 s_k^2 + sigma^2 (per dim),
     so p_t(x) = sum_k w_k N(x; alpha mu_k, diag(v_k)) in closed form, at any (also fractional) timestep.
 
@@ -15,6 +16,7 @@ Closed forms (all per sample, exact)
     eps_hat(x)  = E[eps | x_t = x] = -sigma score(x)                   (Tweedie)
     x0_hat(x)   = E[x0 | x_t = x]  = sum_k r_k [ mu_k + alpha s_k^2 (x - alpha mu_k) / v_k ]
     v_hat(x)    = alpha eps_hat - sigma x0_hat                          (v-prediction, Salimans & Ho 2022)
+    u_hat(x)    = eps_hat - x0_hat                                      (flow velocity, flow_prediction)
 
     eps_hat and x0_hat are computed from their own formulas (neither divides by alpha or sigma), so both stay
     exact at sigma = 0 (where eps_hat = 0 and x0_hat = x / alpha) and near alpha = 0; they agree with
@@ -29,7 +31,7 @@ Class conditioning
 
 As a diffusers model
     :class:`GaussianMixtureDenoiser` is a ``ModelMixin`` / ``ConfigMixin`` called like a ``UNet2DModel``:
-    ``model(sample, timestep, class_labels=None).sample`` is the exact eps (or v, or x0, per
+    ``model(sample, timestep, class_labels=None).sample`` is the exact eps (or v, x0, or the flow velocity, per
     ``prediction_type``) for a batch of shape (B, *sample_shape), flattened internally to (B, D).  Its
     parameters are buffers (``means``, ``variances``, ``log_weights``, ``component_classes``,
     ``alphas_cumprod``), so ``save_pretrained`` / ``from_pretrained`` (safetensors) and
@@ -59,7 +61,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..core.flow import FlowMatchSchedule
 from ..core.prediction import check_prediction_type
+from ..core.process import NOISE_PROCESSES, NoiseProcess, noise_process_from_config, prediction_type_from_config
 from ..core.schedule import NoiseSchedule
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -97,8 +101,9 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
     Config
         ``sample_shape``: shape of one sample, e.g. ``[1, 8, 8]`` (D = its product);
         ``num_components``: K; ``num_classes``: C (0 = unconditional; the null label is C);
-        ``prediction_type``: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``;
-        ``num_train_timesteps``: T, the length of ``alphas_cumprod``;
+        ``prediction_type``: ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or ``"flow_prediction"``;
+        ``num_train_timesteps``: T, the length of ``alphas_cumprod`` (and s = t / T on flow);
+        ``noise_process``: ``"vp"`` (the ``alphas_cumprod`` buffer) or ``"flow"`` (rectified flow);
         ``final_alpha_cumprod``: alpha^2 at timesteps < 0 (1 = clean data, DDIM's ``set_alpha_to_one``).
 
     Buffers
@@ -121,8 +126,15 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
         prediction_type: str = "epsilon",
         num_train_timesteps: int = 1000,
         final_alpha_cumprod: float = 1.0,
+        noise_process: str = "vp",
     ):
         super().__init__()
+        if noise_process not in NOISE_PROCESSES:
+            raise ValueError(f"noise_process must be one of {NOISE_PROCESSES}, got {noise_process!r}")
+        if noise_process == "vp" and prediction_type == "flow_prediction":
+            raise ValueError("prediction_type='flow_prediction' needs noise_process='flow'")
+        if noise_process == "flow" and prediction_type == "v_prediction":
+            raise ValueError("prediction_type='v_prediction' is a VP parametrization; on a flow process use 'flow_prediction'")
         shape = tuple(int(s) for s in sample_shape)
         if len(shape) == 0 or any(s < 1 for s in shape):
             raise ValueError(f"sample_shape must be a non-empty list of positive ints, got {list(sample_shape)}")
@@ -169,8 +181,9 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
 
         ``means`` (K, D) or (K, *sample_shape); ``variances`` the same shape (or broadcastable, e.g. (K, 1)
         or a scalar), all > 0; ``weights`` (K,) >= 0 with a positive sum (normalised here; None = uniform).
-        ``scheduler_config``: a diffusers scheduler config (dict / FrozenDict) or scheduler; None = the
-        ``DDPMScheduler()`` default (1000 steps, linear betas 1e-4..0.02).  ``component_classes`` (K,) ints in
+        ``scheduler_config``: a diffusers scheduler config (dict / FrozenDict) or scheduler, VP or flow matching
+        (``FlowMatchEulerDiscreteScheduler``: the exact rectified-flow velocity); None = the ``DDPMScheduler()``
+        default (1000 steps, linear betas 1e-4..0.02).  ``component_classes`` (K,) ints in
         0..C-1 with C = ``num_classes`` (default: max + 1), every class owning a component and a positive
         weight.  ``sample_shape`` defaults to ``means.shape[1:]``.  ``prediction_type`` defaults to the
         scheduler config's (else ``"epsilon"``).  ``dtype`` of the buffers defaults to the dtype of ``means``
@@ -236,11 +249,10 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
 
         if scheduler_config is None:
             scheduler_config = _ddpm_default_config()
-        if hasattr(scheduler_config, "config") and not isinstance(scheduler_config, Mapping):
-            scheduler_config = scheduler_config.config
-        schedule = NoiseSchedule.from_config(scheduler_config)
+        schedule = noise_process_from_config(scheduler_config)
         if prediction_type is None:
-            prediction_type = scheduler_config.get("prediction_type", "epsilon")
+            prediction_type = prediction_type_from_config(scheduler_config)
+        flow = schedule.kind == "flow"
 
         model = cls(
             sample_shape=sample_shape,
@@ -248,14 +260,16 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
             num_classes=int(num_classes),
             prediction_type=prediction_type,
             num_train_timesteps=schedule.num_train_timesteps,
-            final_alpha_cumprod=schedule.final_alpha_cumprod,
+            final_alpha_cumprod=1.0 if flow else schedule.final_alpha_cumprod,
+            noise_process=schedule.kind,
         )
         # replace the placeholders (assigning to a buffer name swaps the buffer)
         model.means = means64.to(dtype)
         model.variances = var64.to(dtype)
         model.log_weights = log_w.to(dtype)
         model.component_classes = classes.to(torch.long)
-        model.alphas_cumprod = schedule.alphas_cumprod.to(dtype)
+        if not flow:
+            model.alphas_cumprod = schedule.alphas_cumprod.to(dtype)
         return model.to(means.device)
 
     # -- basic properties ---------------------------------------------------------------------------
@@ -274,16 +288,21 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
         return int(self.config.num_classes)
 
     @property
-    def schedule(self) -> NoiseSchedule:
-        """The :class:`NoiseSchedule` of the ``alphas_cumprod`` buffer, rebuilt only when the buffer changes
-        (load, ``.to``, in-place edits)."""
+    def schedule(self) -> NoiseProcess:
+        """The noise process: :class:`FlowMatchSchedule` for ``noise_process="flow"``, else the
+        :class:`NoiseSchedule` of the ``alphas_cumprod`` buffer, rebuilt only when the buffer changes (load,
+        ``.to``, in-place edits)."""
+        if self.config.get("noise_process", "vp") == "flow":
+            if self._schedule_cache is None or not isinstance(self._schedule_cache[2], FlowMatchSchedule):
+                self._schedule_cache = (None, None, FlowMatchSchedule(int(self.config.num_train_timesteps)))
+            return self._schedule_cache[2]
         ac = self.alphas_cumprod
         try:
             version = ac._version
         except RuntimeError:  # inference tensors carry no version counter
             version = None
         cache = self._schedule_cache
-        if cache is None or cache[0] is not ac or cache[1] != version:
+        if cache is None or cache[0] is not ac or cache[1] != version or not isinstance(cache[2], NoiseSchedule):
             schedule = NoiseSchedule(ac.detach(), final_alpha_cumprod=float(self.config.final_alpha_cumprod))
             self._schedule_cache = cache = (ac, version, schedule)
         return cache[2]
@@ -400,8 +419,9 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
         return self._unflatten(x0, x)
 
     def predictions(self, x: torch.Tensor, timestep, class_labels=None) -> dict[str, torch.Tensor]:
-        """All three predictions at once: ``{"epsilon": eps_hat, "sample": x0_hat, "v_prediction": v_hat}``,
-        with eps_hat = -sigma score, x0_hat the posterior mean and v_hat = alpha eps_hat - sigma x0_hat."""
+        """All predictions at once: ``{"epsilon": eps_hat, "sample": x0_hat, "v_prediction": v_hat,
+        "flow_prediction": u_hat}``, with eps_hat = -sigma score, x0_hat the posterior mean,
+        v_hat = alpha eps_hat - sigma x0_hat and u_hat = eps_hat - x0_hat."""
         _, alpha, sigma, log_joint, g, s2 = self._terms(x, timestep, class_labels)
         eps, x0 = self._eps_x0(alpha, sigma, log_joint, g, s2)
         v = alpha * eps - sigma * x0
@@ -409,6 +429,7 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
             "epsilon": self._unflatten(eps, x),
             "sample": self._unflatten(x0, x),
             "v_prediction": self._unflatten(v, x),
+            "flow_prediction": self._unflatten(eps - x0, x),
         }
 
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None, return_dict: bool = True):
@@ -422,7 +443,14 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
         _, alpha, sigma, log_joint, g, s2 = self._terms(sample, timestep, class_labels)
         kind = self.config.prediction_type
         eps, x0 = self._eps_x0(alpha, sigma, log_joint, g, s2, need_eps=kind != "sample", need_x0=kind != "epsilon")
-        out = eps if kind == "epsilon" else x0 if kind == "sample" else alpha * eps - sigma * x0
+        if kind == "epsilon":
+            out = eps
+        elif kind == "sample":
+            out = x0
+        elif kind == "flow_prediction":
+            out = eps - x0
+        else:
+            out = alpha * eps - sigma * x0
         out = self._unflatten(out, sample)
         if not return_dict:
             return (out,)
@@ -486,7 +514,7 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
         c = self.config
         return (
             f"sample_shape={list(self._sample_shape)}, num_components={c.num_components}, num_classes={c.num_classes}, "
-            f"prediction_type={c.prediction_type!r}"
+            f"prediction_type={c.prediction_type!r}, noise_process={c.get('noise_process', 'vp')!r}"
         )
 
 
