@@ -192,3 +192,16 @@ def test_denoiser_for_a_class_conditional_flow_mixture():
     u = mix(x, 500.0, class_labels=torch.full((2,), 2)).sample
     c = mix(x, 500.0, class_labels=labels).sample
     assert torch.allclose(d(x, torch.tensor(500.0)), u + 2.5 * (c - u), atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["vp", "flow"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0, CFG(3.0), APG(3.0), CFGZeroStar(3.0, zero_init_steps=0)], ids=repr)
+def test_the_boundary_never_reads_device_tensors(family, guidance):
+    """On the meta device every read of a tensor's value on the host fails: the boundary takes none (a 0-d index
+    tensor into the VP table did, seen on CUDA with set_sync_debug_mode)."""
+    process = FlowMatchSchedule() if family == "flow" else NoiseSchedule.from_config({})
+    ptype = "flow_prediction" if family == "flow" else "epsilon"
+    meta = torch.device("meta")
+    d = Denoiser(Net(), process, ptype, guidance, cond=torch.ones(2, dtype=F64, device=meta))
+    out = d(torch.empty(2, 1, 4, 4, dtype=F64, device=meta), torch.tensor(500.0, device=meta))
+    assert out.shape == (2, 1, 4, 4) and out.device.type == "meta"

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..atomic_io import atomic_write_text
 from ..cli.config import ConfigError
 from ..cli.generate import DTYPES
-from ..core.schedule import NoiseSchedule
+from ..core.process import NoiseProcess, noise_process_from_config, prediction_type_from_config
 from ..metrics.base import Metric, SampleSet
 from ..metrics.registry import make_metric
 from ..pipelines.class_conditional import null_class_id, sample_shape
@@ -51,7 +51,7 @@ class ModelPlan:
     shape: tuple[int, ...]
     classes: list[int]
     metrics: list[Metric]
-    schedule: NoiseSchedule
+    schedule: NoiseProcess
     prediction_type: str
     dtype: torch.dtype
 
@@ -100,9 +100,11 @@ def _prepare_model(cfg: BenchmarkConfig, i: int, spec: ModelSpec, device: torch.
         except (ValueError, TypeError, FileNotFoundError) as err:
             raise ConfigError(f"{where_m}: {err}") from None
         metrics.append(metric)
-    config = pipe.scheduler.config
-    return ModelPlan(spec, pipe, shape, classes, metrics, NoiseSchedule.from_config(config),
-                     config.get("prediction_type", "epsilon"), DTYPES[spec.dtype])
+    try:  # a scheduler config steerdiff cannot read (neither VP nor flow, contradicting keys) stops the plan
+        process, prediction_type = noise_process_from_config(pipe.scheduler), prediction_type_from_config(pipe.scheduler)
+    except ValueError as err:
+        raise ConfigError(f"{where}: scheduler config: {err}") from None
+    return ModelPlan(spec, pipe, shape, classes, metrics, process, prediction_type, DTYPES[spec.dtype])
 
 
 def prepare(cfg: BenchmarkConfig, device: torch.device) -> list[CellPlan]:

@@ -138,7 +138,9 @@ class NoiseSchedule(NoiseProcess):
         lo = tf.clamp(0, self.num_train_timesteps - 1).floor()
         hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
         w = tf.clamp(0, self.num_train_timesteps - 1) - lo
-        value = torch.lerp(log_a[lo.long()], log_a[hi.long()], w)
+        # index with 1-d tensors: a 0-d index tensor is read as a Python int (a device synchronisation)
+        lo_i, hi_i = lo.long().reshape(-1), hi.long().reshape(-1)
+        value = torch.lerp(log_a[lo_i].reshape(lo.shape), log_a[hi_i].reshape(lo.shape), w)
         final = torch.full_like(value, 0.5 * math.log(self.final_alpha_cumprod))
         return torch.where(tf < 0, final, value).to(dtype)
 
