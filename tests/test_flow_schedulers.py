@@ -130,3 +130,21 @@ def test_keys_of_the_other_family_are_refused(cls):
     with pytest.raises(ValueError, match="scale_noise"):
         sched.set_timesteps(4)
         sched.scale_noise(start(), torch.tensor([999]), start())
+
+
+def test_make_scheduler_keeps_the_noise_process():
+    from diffusers import DDIMScheduler, UniPCMultistepScheduler
+
+    from steerdiff.samplers import make_scheduler
+
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    dpm = make_scheduler("dpmpp_2m", flow)
+    assert dpm.config.use_flow_sigmas and dpm.config.flow_shift == 3.0 and dpm.config.prediction_type == "flow_prediction"
+    assert isinstance(make_scheduler("unipc", flow.config), UniPCMultistepScheduler)
+    assert make_scheduler("ghvb", flow).config.noise_process == "flow"
+    with pytest.raises(ValueError, match="DDIMScheduler integrates VP schedules only"):
+        make_scheduler("ddim", flow)
+    with pytest.raises(ValueError, match="flow-matching scheduler"):
+        make_scheduler("FlowMatchEulerDiscreteScheduler", DDIMScheduler())
+    vp = make_scheduler("dpmpp_2m", DDPMScheduler(beta_schedule="scaled_linear"))
+    assert not vp.config.use_flow_sigmas and vp.config.prediction_type == "epsilon"

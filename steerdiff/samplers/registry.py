@@ -3,6 +3,13 @@
 ``make_scheduler("dpmpp_2m", pipe.scheduler.config)`` builds a scheduler from a model's scheduler config
 (keeping its betas and prediction type), like ``X.from_config(config)``, but checks every keyword against
 the class's signature so that a misspelt option is an error rather than silently ignored.
+
+The noise process is kept too.  From a flow-matching config (FlowMatchEulerDiscreteScheduler's), steerdiff's
+schedulers integrate the flow ODE (they read it themselves), diffusers' flow classes are built as usual, and
+diffusers' multistep solvers that have a flow mode (DPM-Solver, UniPC, DEIS, SA-Solver) are built in it:
+``use_flow_sigmas=True``, ``flow_shift`` = the config's shift (or dynamic shifting), ``prediction_type=
+"flow_prediction"``.  Any other diffusers class would silently run VP dynamics on a flow model, and a flow-only
+class on a VP model: both are ValueErrors naming the classes that fit.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from typing import Any
 import diffusers
 from diffusers import SchedulerMixin
 
+from ..core.process import noise_process_family
 from ..options import check_options, named_options
 
 # alias -> (class name, preset keyword arguments)
@@ -67,12 +75,56 @@ def resolve_scheduler(name: str) -> tuple[type, dict[str, Any]]:
     raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(available_schedulers())}")
 
 
+def _family_of_class(cls: type) -> str:
+    """"flow", "vp" or "both" (steerdiff's schedulers; diffusers' solvers with a use_flow_sigmas mode)."""
+    if cls.__name__.startswith("FlowMatch"):
+        return "flow"
+    names = set(inspect.signature(cls.__init__).parameters)
+    if "noise_process" in names or "use_flow_sigmas" in names:
+        return "both"
+    return "vp"
+
+
+def _flow_mode(cls: type, source: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keywords that put a diffusers solver with a ``use_flow_sigmas`` mode into it, from a flow config."""
+    if "noise_process" in inspect.signature(cls.__init__).parameters:  # steerdiff's schedulers read the config
+        return {}
+    names = set(inspect.signature(cls.__init__).parameters)
+    flow = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+    if source.get("use_flow_sigmas"):
+        flow["flow_shift"] = source.get("flow_shift", 1.0)
+    else:
+        flow["flow_shift"] = float(source.get("shift", 1.0) or 1.0)
+        if source.get("use_dynamic_shifting") and "use_dynamic_shifting" in names:
+            flow["use_dynamic_shifting"] = True
+            flow["time_shift_type"] = source.get("time_shift_type", "exponential")
+    return {k: v for k, v in flow.items() if k in names and k not in kwargs}
+
+
 def make_scheduler(name: str, base_config: Any = None, **kwargs: Any) -> SchedulerMixin:
-    """``cls.from_config(base_config, **preset, **kwargs)`` with every keyword checked against the class."""
+    """``cls.from_config(base_config, **preset, **kwargs)`` with every keyword checked against the class, and the
+    base config's noise process kept (module docstring)."""
     cls, preset = resolve_scheduler(name)
     check_options(cls.__name__, kwargs, named_options(cls))
     if base_config is None:
         return cls(**{**preset, **kwargs})
+    source_class = "" if isinstance(base_config, dict) or not hasattr(base_config, "config") else type(base_config).__name__
     if hasattr(base_config, "config") and not isinstance(base_config, dict):
         base_config = base_config.config
-    return cls.from_config(base_config, **{**preset, **kwargs})
+    source = dict(base_config)
+    if source_class:
+        source.setdefault("_class_name", source_class)
+    family, target = noise_process_family(source), _family_of_class(cls)
+    if family == "flow" and target == "vp":
+        raise ValueError(
+            f"{cls.__name__} integrates VP schedules only, but the model's scheduler config is flow matching "
+            f"({source.get('_class_name', 'flow keys')}); use a steerdiff scheduler (plms_hb, dpmpp_2m_hb, ghvb), "
+            "FlowMatchEulerDiscreteScheduler / FlowMatchHeunDiscreteScheduler, or DPMSolverMultistepScheduler / "
+            "UniPCMultistepScheduler / DEISMultistepScheduler (built in their flow mode)"
+        )
+    if family == "vp" and target == "flow":
+        raise ValueError(
+            f"{cls.__name__} is a flow-matching scheduler, but the model's scheduler config is variance preserving"
+        )
+    extra = _flow_mode(cls, source, kwargs) if family == "flow" else {}
+    return cls.from_config(base_config, **{**preset, **extra, **kwargs})
