@@ -61,14 +61,14 @@ class FlowMatchSchedule(NoiseProcess):
     def __init__(
         self,
         num_train_timesteps: int = 1000,
-        shift: float = 1.0,
-        use_dynamic_shifting: bool = False,
-        base_shift: float = 0.5,
-        max_shift: float = 1.15,
-        base_image_seq_len: int = 256,
-        max_image_seq_len: int = 4096,
-        shift_terminal: float | None = None,
-        time_shift_type: str = "exponential",
+        shift: float = FLOW_KEYS["shift"],
+        use_dynamic_shifting: bool = FLOW_KEYS["use_dynamic_shifting"],
+        base_shift: float = FLOW_KEYS["base_shift"],
+        max_shift: float = FLOW_KEYS["max_shift"],
+        base_image_seq_len: int = FLOW_KEYS["base_image_seq_len"],
+        max_image_seq_len: int = FLOW_KEYS["max_image_seq_len"],
+        shift_terminal: float | None = FLOW_KEYS["shift_terminal"],
+        time_shift_type: str = FLOW_KEYS["time_shift_type"],
         sigma_spacing: str | None = None,
     ):
         if isinstance(num_train_timesteps, bool) or int(num_train_timesteps) != num_train_timesteps or num_train_timesteps < 2:

@@ -51,7 +51,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from ..core.denoiser import Prediction
 from ..core.grid import FINAL_SIGMAS_TYPES, Grid, check_choice, resolve_grid
 from ..core.prediction import to_eps, to_x0
-from ..core.process import NOISE_PROCESSES, as_config, noise_process_family, noise_process_from_config, prediction_type_from_config
+from ..core.process import FLOW_KEYS, NOISE_PROCESSES, VP_KEYS, as_config, noise_process_family, noise_process_from_config, prediction_type_from_config
 from ..core.tensors import check_finite, expand_to
 from ..core.timesteps import TIMESTEP_SPACINGS
 
@@ -97,29 +97,29 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
     def __init__(
         self,
         num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas=None,
+        beta_start: float = VP_KEYS["beta_start"],
+        beta_end: float = VP_KEYS["beta_end"],
+        beta_schedule: str = VP_KEYS["beta_schedule"],
+        trained_betas=VP_KEYS["trained_betas"],
         prediction_type: str | None = None,
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
         final_sigmas_type: str = "zero",
-        rescale_betas_zero_snr: bool = False,
+        rescale_betas_zero_snr: bool = VP_KEYS["rescale_betas_zero_snr"],
         nonfinite_check: str = "auto",
         noise_process: str = "vp",
-        shift: float = 1.0,
-        use_dynamic_shifting: bool = False,
-        base_shift: float = 0.5,
-        max_shift: float = 1.15,
-        base_image_seq_len: int = 256,
-        max_image_seq_len: int = 4096,
-        shift_terminal: float | None = None,
-        time_shift_type: str = "exponential",
+        shift: float = FLOW_KEYS["shift"],
+        use_dynamic_shifting: bool = FLOW_KEYS["use_dynamic_shifting"],
+        base_shift: float = FLOW_KEYS["base_shift"],
+        max_shift: float = FLOW_KEYS["max_shift"],
+        base_image_seq_len: int = FLOW_KEYS["base_image_seq_len"],
+        max_image_seq_len: int = FLOW_KEYS["max_image_seq_len"],
+        shift_terminal: float | None = FLOW_KEYS["shift_terminal"],
+        time_shift_type: str = FLOW_KEYS["time_shift_type"],
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
-        invert_sigmas: bool = False,
+        invert_sigmas: bool = FLOW_KEYS["invert_sigmas"],
     ):
         check_choice("noise_process", noise_process, NOISE_PROCESSES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
