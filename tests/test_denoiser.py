@@ -205,3 +205,33 @@ def test_the_boundary_never_reads_device_tensors(family, guidance):
     d = Denoiser(Net(), process, ptype, guidance, cond=torch.ones(2, dtype=F64, device=meta))
     out = d(torch.empty(2, 1, 4, 4, dtype=F64, device=meta), torch.tensor(500.0, device=meta))
     assert out.shape == (2, 1, 4, 4) and out.device.type == "meta"
+
+
+def test_schedules_interval_adaptive_and_linear_ag_run_on_a_flow_model():
+    from steerdiff.core import resolve_grid, sample_ddim
+    from steerdiff.guidance import AdaptiveGuidance, Cosine, LinearAG
+
+    mix = flow_mixture()
+    process = mix.schedule
+    grid = resolve_grid(process, 6)
+    x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+    labels = torch.tensor([0, 1, 1])
+
+    def run(guidance):
+        d = denoiser_for(mix, process, "flow_prediction", guidance, cond=labels)
+        return sample_ddim(d, x, process, grid), d.network_evaluations
+
+    cfg, rows = run(3.0)
+    assert rows == 6 * 6
+    same, _ = run(AdaptiveGuidance(CFG(3.0), threshold=1.0))  # never switches off: CFG
+    assert torch.allclose(same, cfg, atol=1e-12)
+    out, rows = run(GuidanceInterval(CFG(3.0), sigma_low=0.5, sigma_high=4.0))  # sigma_bar = s / (1 - s)
+    inside = ((grid.sigma_bar[:-1] > 0.5) & (grid.sigma_bar[:-1] <= 4.0)).sum().item()
+    assert rows == 6 * 3 + inside * 3 and torch.isfinite(out).all()
+    out, _ = run(CFG(Cosine(3.0)))  # a weight schedule of the flow noise level s
+    assert torch.isfinite(out).all() and not torch.allclose(out, cfg)
+    coefficients = torch.zeros(6, 4, dtype=F64)
+    coefficients[:, 2] = 1.0  # u_i estimated as u_{i-1}
+    skip = torch.tensor([False, True, False, True, False, True])
+    out, rows = run(LinearAG(CFG(3.0), coefficients, grid.timesteps, skip))
+    assert rows == 6 * 3 + 3 * 3 and torch.isfinite(out).all()
