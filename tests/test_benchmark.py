@@ -179,7 +179,10 @@ def test_new_metrics_rescore_stored_samples_without_sampling(tmp_path, tiny_mode
         raise AssertionError("sampled again")
 
     monkeypatch.setattr(runner_module, "generate_chunk", no_sampling)
-    cfg2 = _config(tmp_path, tiny_model_dir, models=[{"model": str(tiny_model_dir), "metrics": ["divergence", "fd", "precision_recall", "class_accuracy"]}])
+    models = [{"model": str(tiny_model_dir), "metrics": ["divergence", "fd", "precision_recall", "class_accuracy"]}]
+    with pytest.raises(ValueError, match=r"holds results of another config \(differs in models"):
+        run_benchmark(_config(tmp_path, tiny_model_dir, models=models))  # a changed config is not taken silently
+    cfg2 = _config(tmp_path, tiny_model_dir, models=models, overwrite=True)
     (second,) = run_benchmark(cfg2)
     assert second["cell_id"] == first["cell_id"] and chunk.stat().st_mtime_ns == stamp
     assert second["metrics"]["magnitude_score"] == first["metrics"]["magnitude_score"]
@@ -207,7 +210,7 @@ def test_new_metrics_rescore_stored_samples_without_sampling(tmp_path, tiny_mode
         ("nfe=[3, 3]", "nfe lists a value twice"),
         ("schedulers=[ddim, ddim]", "schedulers: entries ['ddim'] appear twice"),
         ("stepz=3", "unknown key 'stepz'; allowed keys here:"),
-        ("device=tpu", "device: 'tpu' is not a torch device; use auto, cpu, cuda or cuda:<index>"),
+        ("device=tpu", "device: 'tpu' is not a torch device; use cpu, cuda, cuda:<index> or mps (or auto)"),
         ("models=[/no/such/model]", "models[0] ('/no/such/model'): model '/no/such/model' is neither a built-in model"),
     ],
 )

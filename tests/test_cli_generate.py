@@ -26,7 +26,7 @@ def test_generate_writes_grid_from_local_folder(tmp_path, tiny_model_dir, capsys
                "scheduler.name=ddim", "upscale=2", f"output={out}"])
     assert rc == 0
     assert f"wrote {out}" in capsys.readouterr().out
-    assert Image.open(out).size == (3 * 8 * 2, 2 * 8 * 2)
+    assert Image.open(out).size == (3 * 8 * 2 + 2, 2 * 8 * 2 + 1)  # cells and a one-pixel gap between them
 
 
 @pytest.mark.parametrize(

@@ -404,7 +404,7 @@ def test_nonfinite_model_output_names_the_step(cls, bad):
         out = model(x, t.expand(4))
         if i == 2:
             out[1, 0, 0, 0] = bad
-            with pytest.raises(FloatingPointError, match=r"model_output \(timestep \d+\) has 1 NaN/Inf values at step 2"):
+            with pytest.raises(FloatingPointError, match=r"model_output holds NaN/Inf at step 2 of 6 \(timestep \d+\) in 1 of 4 samples"):
                 sched.step(out, t, x)
         else:
             x = sched.step(out, t, x).prev_sample
@@ -432,7 +432,7 @@ def test_deferred_nonfinite_check_raises_at_the_last_step_naming_the_first_bad_o
             x = sched.step(out, t, x).prev_sample  # no error yet: nothing is read on the host
             assert sched.first_nonfinite_step.dtype == torch.long and sched.first_nonfinite_step.ndim == 0
         else:
-            with pytest.raises(FloatingPointError, match=r"first at step 1 \(timestep \d+\) of 5; found at the last step"):
+            with pytest.raises(FloatingPointError, match=r"at step 1 of 5 \(timestep \d+\) in 1 of 4 samples; found at the end of the run"):
                 sched.step(out, t, x)
     clean = cls(nonfinite_check="deferred", **SD_BETAS)
     assert torch.isfinite(run(clean, model, x_T(), 5)).all()

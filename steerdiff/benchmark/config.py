@@ -135,6 +135,7 @@ class BenchmarkConfig(StrictModel):
     cache_dir: str | None = None       # reference statistics; None = $STEERDIFF_CACHE or ~/.cache/steerdiff
     keep_samples: bool = True          # keep the sample chunks after a cell is finished (needed to re-score)
     progress: bool = True
+    overwrite: bool = False            # a run folder of another config: refused; true = run this one there
     report: ReportSpec = Field(default_factory=ReportSpec)
 
     @model_validator(mode="after")

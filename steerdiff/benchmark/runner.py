@@ -21,10 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from ..atomic_io import atomic_write_text
 from ..cli.config import ConfigError
 from ..cli.generate import DTYPES
 from ..core.process import NoiseProcess, noise_process_from_config, prediction_type_from_config
@@ -32,6 +30,8 @@ from ..metrics.base import Metric, SampleSet
 from ..metrics.registry import make_metric
 from ..pipelines.class_conditional import null_class_id, sample_shape
 from ..pipelines.loading import load_pipeline
+from ..devices import check_device
+from ..run_folder import check_writable_folder, claim_run_folder
 from ..samplers.registry import make_scheduler
 from .config import BenchmarkConfig, ModelSpec
 from .environment import machine_info, package_versions
@@ -70,11 +70,9 @@ def resolve_device(name: str, shard: Shard) -> torch.device:
     if name == "auto":
         return shard.device
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device: {name!r} is not a torch device; use auto, cpu, cuda or cuda:<index>") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} asked for, but this machine has no CUDA device; use auto or cpu")
+        device = check_device(name)
+    except ValueError as err:
+        raise ConfigError(f"{err} (or auto)") from None
     if device.type == "cuda" and device.index is None and shard.world_size > 1:
         return shard.device
     return device
@@ -142,18 +140,27 @@ def prepare(cfg: BenchmarkConfig, device: torch.device) -> list[CellPlan]:
     return plans
 
 
+def quiet_scheduler(scheduler):
+    """A fresh copy of ``scheduler``; steerdiff's own with their NaN/Inf check off, so that a diverging cell runs to
+    its end and is recorded as diverged, as with diffusers' schedulers (which never check)."""
+    if "nonfinite_check" in scheduler.config:
+        return type(scheduler).from_config(scheduler.config, nonfinite_check="off")
+    return copy.deepcopy(scheduler)
+
+
 def generate_chunk(plan: CellPlan, start: int, stop: int, device: torch.device) -> Chunk:
     """Samples start..stop-1 of a cell in one pipeline call, with their call counts and wall time."""
     m, cell = plan.model, plan.cell
     generators = sample_generators(cell.seed, start, stop)
     noise = initial_noise(cell.seed, start, stop, m.shape, generators)
     labels = sample_labels(m.classes, start, stop)
-    m.pipe.scheduler = copy.deepcopy(plan.scheduler)
+    m.pipe.scheduler = quiet_scheduler(plan.scheduler)
     with NetworkProbe(m.pipe.unet) as probe:
         with plan.guidance.pipeline_call(m.pipe) as call:
             t0 = time.perf_counter()
-            out = m.pipe(labels, num_inference_steps=plan.steps, generator=generators,
-                         latents=noise.to(device, m.dtype), output_type="latent", **call.kwargs).images
+            # NaN/Inf is a result here (the cell is recorded "diverged" with the probe's first bad call), not an error
+            out = m.pipe(labels, num_inference_steps=plan.steps, generator=generators, latents=noise.to(device, m.dtype),
+                         output_type="latent", nonfinite_check="off", **call.kwargs).images
             samples = out.to("cpu", torch.float32)
             seconds = time.perf_counter() - t0
     rows = call.evaluations if call.evaluations is not None else probe.rows
@@ -248,10 +255,21 @@ def run_benchmark(cfg: BenchmarkConfig, shard: Shard | None = None) -> list[dict
     """Run (or resume) the grid of ``cfg`` in ``cfg.output_dir``; returns the records (on the main process)."""
     shard = shard or current_shard(cpu=cfg.device == "cpu")
     device = resolve_device(cfg.device, shard)
-    folder = RunFolder(cfg.output_dir)
+    folder = RunFolder(check_writable_folder(cfg.output_dir))
     plans = prepare(cfg, device)
-    if shard.is_main:
-        atomic_write_text(folder.root / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    # the config is valid: one process per folder, one config per folder, checked (and locked) before any sampling
+    lock = claim_run_folder(folder.root, cfg.model_dump(), cfg.overwrite, ignore=RESULT_NEUTRAL_KEYS) if shard.is_main else None
+    try:
+        return _run(cfg, shard, device, folder, plans)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+RESULT_NEUTRAL_KEYS = ("overwrite", "progress", "report", "keep_samples", "cache_dir")  # they change no result
+
+
+def _run(cfg: BenchmarkConfig, shard: Shard, device, folder: RunFolder, plans: list[CellPlan]) -> list[dict]:
     show = cfg.progress and shard.is_main
     cells_bar = tqdm(total=len(plans), desc="cells", disable=not show, position=0)
     records, resumed, t_start = [], 0, time.perf_counter()

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ..atomic_io import atomic_save_safetensors, atomic_write_json
+from ..weights import check_safetensors_file
 
 FINISHED = ("ok", "diverged", "skipped")
 
@@ -32,6 +33,17 @@ class Chunk:
     first_nonfinite_call: int | None
     seconds: float
     rank: int = 0
+
+
+def _read_json(path: Path, remedy: str) -> dict:
+    """A JSON file of the run folder, or a ValueError naming it and what to do (delete it, then ``remedy``)."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is damaged (not complete JSON: {err}); delete it and {remedy}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} is damaged (not a JSON object); delete it and {remedy}")
+    return value
 
 
 class RunFolder:
@@ -66,9 +78,15 @@ class RunFolder:
         self.error_path(cell_id, k).unlink(missing_ok=True)
 
     def load_chunk(self, cell_id: str, k: int) -> Chunk:
-        with safe_open(str(self.chunk_path(cell_id, k)), framework="pt") as f:
-            meta = f.metadata()
-            samples, labels = f.get_tensor("samples"), f.get_tensor("labels")
+        path = self.chunk_path(cell_id, k)
+        try:
+            check_safetensors_file(path)
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata()
+                samples, labels = f.get_tensor("samples"), f.get_tensor("labels")
+        except Exception as err:  # noqa: BLE001 - any read failure means the same to the user
+            raise ValueError(f"chunk file {str(path)!r} cannot be read ({err}); delete it and run again to regenerate "
+                             "those samples") from None
         first = meta["first_nonfinite_call"]
         return Chunk(samples, labels, int(meta["calls"]), int(meta["rows"]), int(first) if first else None,
                      float(meta["seconds"]), int(meta["rank"]))
@@ -78,7 +96,7 @@ class RunFolder:
 
     def chunk_error(self, cell_id: str, k: int) -> str | None:
         path = self.error_path(cell_id, k)
-        return json.loads(path.read_text())["error"] if path.is_file() else None
+        return _read_json(path, "run again to retry the chunk")["error"] if path.is_file() else None
 
     def delete_chunks(self, cell_id: str) -> None:
         for path in self.cell_dir(cell_id).glob("chunk_*.safetensors"):
@@ -87,7 +105,7 @@ class RunFolder:
     # -- records ------------------------------------------------------------------------------------
     def load_record(self, cell_id: str) -> dict | None:
         path = self.record_path(cell_id)
-        return json.loads(path.read_text()) if path.is_file() else None
+        return _read_json(path, "run again to recompute the cell") if path.is_file() else None
 
     def save_record(self, cell_id: str, record: dict) -> None:
         atomic_write_json(self.record_path(cell_id), record)

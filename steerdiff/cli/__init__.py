@@ -1,28 +1,62 @@
-"""The ``steerdiff`` command line: one sub-command per job, each driven by a validated YAML config."""
+"""The steerdiff command line: one sub-command per job, each driven by a validated YAML config.
+
+The parser is built from the table below without importing the sub-commands, so that ``steerdiff --help`` does
+not load torch or diffusers; a sub-command's module is imported when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from . import benchmark, generate, optimize, restore
-from .config import ConfigError
+DESCRIPTION = (
+    "steerdiff: diffusion samplers and guidance methods for diffusers pipelines. Each sub-command reads a YAML "
+    "config (--config) and key=value overrides; --print-config shows the full config it would run."
+)
 
-COMMANDS = (generate, benchmark, restore, optimize)
+# name -> (help, --config help, whether --config is required, override example)
+SUBCOMMANDS = {
+    "generate": ("sample an image grid (class x seed) from a class-conditional model",
+                 "YAML config (default: built-in defaults = configs/generate/digits.yaml)", False,
+                 "steps=50 scheduler.name=ddim"),
+    "benchmark": ("sample quality (FD, precision/recall, divergence, ...) against NFE over a grid",
+                  "YAML config, e.g. configs/benchmark/baselines.yaml", True, "num_samples=100 output_dir=runs/quick"),
+    "restore": ("degrade images, restore them (MCG, DPS, projection, plain) and score",
+                "YAML config, e.g. configs/restore/box.yaml", True, "data.num_images=50 sampler.steps=50"),
+    "optimize": ("AdjointDPM tasks: optimise noise, a class embedding or LoRA weights",
+                 "YAML config, e.g. configs/adjoint/noise.yaml (key 'task' picks the task)", True,
+                 "iterations=10 sampler.steps=10"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="steerdiff", description=__doc__)
+    parser = argparse.ArgumentParser(prog="steerdiff", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in COMMANDS:
-        command.add_parser(sub)
+    for name, (help_text, config_help, required, example) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", required=required, help=config_help)
+        p.add_argument("--print-config", action="store_true",
+                       help="print the full config (defaults, the file and the overrides merged) as YAML and exit")
+        p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .config import ConfigError
+
+    command = importlib.import_module(f".{args.command}", __package__)
     try:
-        return args.func(args)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(command.config_from_args(args).model_dump(), sort_keys=False), end="")
+            return 0
+        return command.main(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"steerdiff {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # NaN/Inf while sampling: the message names the step and the timestep
+        print(f"steerdiff {args.command}: sampling diverged: {err}", file=sys.stderr)
+        return 1

@@ -15,16 +15,15 @@ from __future__ import annotations
 from .config import load_config
 
 
-def main(args) -> int:
-    from ..benchmark import BenchmarkConfig, run_benchmark  # lazily: the benchmark package imports cli.config
+def config_from_args(args):
+    from ..benchmark import BenchmarkConfig  # lazily: the benchmark package imports cli.config
 
-    cfg = load_config(BenchmarkConfig, args.config, args.overrides)
+    return load_config(BenchmarkConfig, args.config, args.overrides)
+
+
+def main(args) -> int:
+    from ..benchmark import run_benchmark
+
+    cfg = config_from_args(args)
     records = run_benchmark(cfg)
     return 1 if any(r["status"] == "failed" for r in records) else 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("benchmark", help="sample quality (FD, precision/recall, divergence, ...) against NFE over a grid")
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/benchmark/baselines.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_samples=100 output_dir=runs/quick")
-    p.set_defaults(func=main)

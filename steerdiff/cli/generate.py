@@ -15,8 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 from pydantic import Field
+from tqdm.auto import tqdm
 
+from ..atomic_io import atomic_write
+from ..devices import check_device
 from ..pipelines.loading import load_pipeline
+from ..run_folder import check_output_file
 from ..samplers.registry import make_scheduler
 from .config import StrictModel, load_config
 
@@ -40,42 +44,68 @@ class GenerateConfig(StrictModel):
     device: str = "cpu"
     dtype: Literal["float32", "float64", "float16", "bfloat16"] = "float32"
     upscale: int = Field(4, ge=1, le=64)
-    output: str = "outputs/generate/digits.png"
+    output: str = "outputs/generate/digits.png"  # a .png path (the grid)
 
 
-def image_grid(images: np.ndarray, rows: int, upscale: int = 1) -> Image.Image:
-    """Tile (N, H, W, C) images in [0, 1] into ``rows`` rows, nearest-neighbour upscaled."""
+def image_grid(images: np.ndarray, rows: int, upscale: int = 1, gap: int = 1) -> Image.Image:
+    """Tile (N, H, W, C) images in [0, 1] into ``rows`` rows, each nearest-neighbour upscaled, with ``gap`` white
+    pixels between cells (so that neighbouring images do not run together)."""
     n, h, w, c = images.shape
     cols = -(-n // rows)
-    grid = np.ones((rows * h, cols * w, c), dtype=np.float64)
-    for i, img in enumerate(images):
+    big = np.repeat(np.repeat(images, upscale, axis=1), upscale, axis=2) if upscale > 1 else images
+    hh, ww = h * upscale, w * upscale
+    grid = np.ones((rows * hh + (rows - 1) * gap, cols * ww + (cols - 1) * gap, c), dtype=np.float64)
+    for i, img in enumerate(big):
         r, k = divmod(i, cols)
-        grid[r * h : (r + 1) * h, k * w : (k + 1) * w] = img
+        top, left = r * (hh + gap), k * (ww + gap)
+        grid[top : top + hh, left : left + ww] = img
     u8 = (grid * 255).round().clip(0, 255).astype(np.uint8)
-    pil = Image.fromarray(u8[..., 0] if c == 1 else u8)
-    return pil.resize((pil.width * upscale, pil.height * upscale), Image.NEAREST) if upscale > 1 else pil
+    return Image.fromarray(u8[..., 0] if c == 1 else u8)
 
 
-def generate(cfg: GenerateConfig) -> tuple[Path, np.ndarray]:
+def check_steps(scheduler, steps: int) -> None:
+    """Lay the grid out once before sampling: a scheduler that cannot take ``steps`` distinct steps (a discrete
+    training schedule has num_train_timesteps of them) is an error now, not an IndexError mid-run."""
+    try:
+        scheduler.set_timesteps(steps)
+    except (ValueError, IndexError) as err:
+        raise ValueError(f"steps={steps}: {type(scheduler).__name__} cannot lay out that many steps ({err})") from None
+    timesteps = scheduler.timesteps
+    if len(torch.unique(timesteps)) != len(timesteps):
+        limit = scheduler.config.get("num_train_timesteps")
+        raise ValueError(
+            f"steps={steps}: {type(scheduler).__name__} repeats timesteps at this many steps"
+            + (f" (the model has num_train_timesteps={limit}; use at most {limit})" if limit else "")
+        )
+
+
+def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarray]:
+    out = check_output_file(cfg.output, "output", suffixes=(".png",))  # before any work
+    check_device(cfg.device)
     pipe = load_pipeline(cfg.model, device=cfg.device, dtype=DTYPES[cfg.dtype])
     pipe.scheduler = make_scheduler(cfg.scheduler.name, pipe.scheduler.config, **cfg.scheduler.kwargs)
+    check_steps(pipe.scheduler, cfg.steps)
+    pipe.set_progress_bar_config(disable=True)  # one bar over the images instead of one per batch
     labels = [c for c in cfg.classes for _ in range(cfg.samples_per_class)]
     chunks = []
-    for start in range(0, len(labels), cfg.batch_size):
-        part = labels[start : start + cfg.batch_size]
-        gens = [torch.Generator(device="cpu").manual_seed(cfg.seed + start + i) for i in range(len(part))]
-        chunks.append(pipe(part, cfg.steps, cfg.guidance_scale, generator=gens, output_type="np").images)
+    with tqdm(total=len(labels), desc="generate", unit="image", disable=not progress) as bar:
+        for start in range(0, len(labels), cfg.batch_size):
+            part = labels[start : start + cfg.batch_size]
+            gens = [torch.Generator(device="cpu").manual_seed(cfg.seed + start + i) for i in range(len(part))]
+            chunks.append(pipe(part, cfg.steps, cfg.guidance_scale, generator=gens, output_type="np").images)
+            bar.update(len(part))
     images = np.concatenate(chunks)
-    out = Path(cfg.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    image_grid(images, rows=len(cfg.classes), upscale=cfg.upscale).save(tmp, format="PNG")
-    tmp.replace(out)
+    grid = image_grid(images, rows=len(cfg.classes), upscale=cfg.upscale)
+    atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
     return out, images
 
 
+def config_from_args(args):
+    return load_config(GenerateConfig, args.config, args.overrides)
+
+
 def main(args) -> int:
-    cfg = load_config(GenerateConfig, args.config, args.overrides)
+    cfg = config_from_args(args)
     start = time.perf_counter()
     out, images = generate(cfg)
     print(
@@ -84,10 +114,3 @@ def main(args) -> int:
         f"in {time.perf_counter() - start:.1f} s"
     )
     return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="sample an image grid (class x seed) from a class-conditional model")
-    p.add_argument("--config", help="YAML config (default: built-in defaults = configs/generate/digits.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=50 scheduler.name=ddim")
-    p.set_defaults(func=main)

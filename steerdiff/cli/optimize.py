@@ -12,6 +12,7 @@ the config and the per-iteration history) into ``output``, each file atomically.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -27,6 +28,9 @@ from ..pipelines import adjoint_tasks
 from ..pipelines.adjoint import MODES
 from ..pipelines.loading import load_pipeline
 from .config import StrictModel, load_config
+from ..devices import check_device
+from ..pipelines.conditioning import conditioning_kind
+from ..run_folder import check_writable_folder
 from .generate import DTYPES, image_grid
 
 TASKS = ("noise", "embedding", "finetune")
@@ -121,8 +125,17 @@ def _grid_png(images: torch.Tensor, rows: int, upscale: int):
 def run(cfg: _Common) -> tuple[Path, dict]:
     from ..metrics.classifier import load_digits_classifier
 
+    check_writable_folder(cfg.output, "output")  # before any work
+    check_device(cfg.device)
+    if cfg.task == "finetune" and importlib.util.find_spec("peft") is None:
+        raise ValueError("task finetune trains LoRA adapters and needs the peft package: pip install 'steerdiff[lora]'")
     torch.set_num_threads(cfg.threads)
     pipe = load_pipeline(cfg.model, device=cfg.device, dtype=DTYPES[cfg.dtype])
+    if cfg.task in ("embedding", "finetune") and conditioning_kind(pipe.unet) != "class_embedding":
+        raise ValueError(
+            f"task {cfg.task} optimises a class-conditional UNet2DModel (its class embedding or LoRA weights); "
+            f"model {cfg.model!r} is a {type(pipe.unet).__name__}: use task noise, or model digits / a UNet folder"
+        )
     classifier = load_digits_classifier(device=cfg.device)
     sampler = adjoint_tasks.SamplerSettings(**cfg.sampler.model_dump())
     common = dict(sampler=sampler, seed=cfg.seed, iterations=cfg.iterations)
@@ -159,16 +172,13 @@ def run(cfg: _Common) -> tuple[Path, dict]:
     return out, report
 
 
+def config_from_args(args):
+    return load_task_config(args.config, args.overrides)
+
+
 def main(args) -> int:
-    cfg = load_task_config(args.config, args.overrides)
+    cfg = config_from_args(args)
     out, report = run(cfg)
     shown = {k: v for k, v in report["metrics"].items() if k != "goal"}
     print(f"steerdiff optimize {cfg.task}: {json.dumps(shown)} in {report['seconds']:.1f} s; wrote {out}/")
     return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("optimize", help="AdjointDPM tasks: optimise noise, a class embedding or LoRA weights")
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/adjoint/noise.yaml (key 'task' picks the task)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. iterations=10 sampler.steps=10")
-    p.set_defaults(func=main)

@@ -9,7 +9,9 @@ For every task (an operator and a measurement noise sigma_y) and every method of
 - ``table.md``        the same as a Markdown table, with the FD of the originals themselves (the floor at this N);
 - ``<task>.png``      a grid: originals, measurements (A^+ y, or y where it is an image; missing pixels grey),
                       then one row per method;
-- ``<task>/<method>.safetensors``  the restorations (float32, in [-1, 1] model space).
+- ``<task>/<method>.safetensors``  the restorations (float32, in [-1, 1] model space);
+- ``config.yaml``     the config; a folder holding another config's results is refused (``overwrite: true``
+                      runs the new one there), and a second process on the same folder is refused while the first runs.
 
 With ``resume: true`` a cell whose fingerprint (everything that determines its result) matches a record and whose
 restorations are on disk is not recomputed.  Metrics: PSNR and SSIM to the originals
@@ -37,6 +39,8 @@ from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from ..guidance.manifold import RestorationMethod, make_method
+from ..devices import check_device
+from ..run_folder import check_writable_folder, claim_run_folder
 from ..guidance.operators import (
     Colorization, Denoising, GaussianBlur, Inpainting, InverseProblem, LinearOperator,
     SuperResolution, box_mask, extreme_mask, random_mask,
@@ -121,6 +125,7 @@ class RestoreConfig(StrictModel):
     upscale: int = Field(4, ge=1, le=64)
     output_dir: str = "outputs/restore/digits"
     resume: bool = True
+    overwrite: bool = False  # an output_dir of another config: refused; true = run this one there
 
     def task_methods(self, task: TaskSpec) -> list[MethodSpec]:
         return task.methods if task.methods is not None else self.methods
@@ -174,7 +179,10 @@ def load_images(spec: DataSpec, shape: tuple[int, ...]) -> tuple[torch.Tensor, t
     c, h, w = shape
     out = []
     for f in files:
-        img = Image.open(f).convert("L" if c == 1 else "RGB")
+        try:
+            img = Image.open(f).convert("L" if c == 1 else "RGB")
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for damaged or unknown files
+            raise ValueError(f"data.source: image {str(f)!r} cannot be read ({err}); remove or replace it") from None
         if img.size != (w, h):
             raise ValueError(f"{f.name} is {img.size[0]}x{img.size[1]}; the model expects {w}x{h} images")
         arr = np.asarray(img, dtype=np.float32) / 127.5 - 1
@@ -322,6 +330,8 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
 
 
 def run(cfg: RestoreConfig) -> list[dict[str, Any]]:
+    check_writable_folder(cfg.output_dir)
+    check_device(cfg.device)
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     base = load_pipeline(cfg.model, device=cfg.device, dtype=DTYPES[cfg.dtype])
@@ -339,6 +349,15 @@ def run(cfg: RestoreConfig) -> list[dict[str, Any]]:
     for task in cfg.tasks:  # fail before any work on an operator that cannot act on these images
         make_operator(task.operator, task_masks(task.operator, shape, 1, cfg.seed)).check_sample_shape(shape)
     scorer = Scorer(cfg.metrics, images.to(torch.float64), labels, cfg.data.reference_split)
+    # the config is valid: one process per folder, one config per folder, checked (and locked) before any sampling
+    lock = claim_run_folder(cfg.output_dir, cfg.model_dump(), cfg.overwrite, ignore=("overwrite", "resume", "num_threads"))
+    try:
+        return _restore_tasks(cfg, pipe, shape, images, labels, scorer)
+    finally:
+        lock.release()
+
+
+def _restore_tasks(cfg: RestoreConfig, pipe, shape, images, labels, scorer) -> list[dict[str, Any]]:
 
     out_dir = Path(cfg.output_dir)
     jsonl = out_dir / "results.jsonl"
@@ -393,18 +412,15 @@ def run(cfg: RestoreConfig) -> list[dict[str, Any]]:
     return records
 
 
+def config_from_args(args):
+    return load_config(RestoreConfig, args.config, args.overrides)
+
+
 def main(args) -> int:
-    cfg = load_config(RestoreConfig, args.config, args.overrides)
+    cfg = config_from_args(args)
     start = time.perf_counter()
     records = run(cfg)
     print(markdown_table(records), end="")
     print(f"wrote {cfg.output_dir}/results.jsonl, table.md and {len(cfg.tasks)} grids "
           f"({len(records)} cells) in {time.perf_counter() - start:.1f} s")
     return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("restore", help="degrade images, restore them (MCG, DPS, projection, plain) and score")
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/restore/box.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.num_images=50 sampler.steps=50")
-    p.set_defaults(func=main)

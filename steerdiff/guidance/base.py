@@ -127,6 +127,10 @@ def check_pair(cond: torch.Tensor, uncond: torch.Tensor, state: GuidanceState) -
         raise ValueError(
             f"cond must have shape (B, ...) with B = {state.batch_size} (the state's batch), got {tuple(cond.shape)}"
         )
+    if cond.shape != state.sample.shape:  # a rule never broadcasts predictions against the sample
+        raise ValueError(
+            f"the predictions must have the shape of the sample {tuple(state.sample.shape)}, got {tuple(cond.shape)}"
+        )
 
 
 def check_scalar(value, name: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:

@@ -92,7 +92,8 @@ class LinearOperator:
 class Inpainting(LinearOperator):
     """A x = M * x with a binary mask M (1 = measured pixel, 0 = missing).
 
-    ``mask``: (H, W), (1 or C, H, W) shared by the batch, or (B, 1 or C, H, W) one per sample.  Measurements
+    ``mask``: (H, W), (1 or C, H, W) or (1, 1 or C, H, W) shared by the batch (a leading 1 broadcasts, as torch
+    users expect and diffusers' mask processor returns), or (B, 1 or C, H, W) one per sample.  Measurements
     keep the sample's shape, with zeros where the mask is 0.  A is an orthogonal projection, so
     A^T = A^+ = A and every method is a multiplication by M.
     """
@@ -103,6 +104,8 @@ class Inpainting(LinearOperator):
         mask = torch.as_tensor(mask)
         if mask.ndim == 2:
             mask = mask[None]
+        if mask.ndim == 4 and mask.shape[0] == 1:  # one mask for the whole batch
+            mask = mask[0]
         if mask.ndim not in (3, 4):
             raise ValueError(f"mask must have shape (H, W), (C, H, W) or (B, C, H, W), got {tuple(mask.shape)}")
         if mask.dtype != torch.bool:
@@ -125,6 +128,12 @@ class Inpainting(LinearOperator):
         return (c, h, w)
 
     def _m(self, x: torch.Tensor) -> torch.Tensor:
+        mc, mh, mw = self.mask.shape[-3:]
+        if x.ndim != 4 or (mh, mw) != tuple(x.shape[-2:]) or mc not in (1, x.shape[1]):
+            raise ValueError(
+                f"mask of shape {tuple(self.mask.shape)} does not fit samples of shape {tuple(x.shape)}: expected "
+                f"(H, W) = {tuple(x.shape[-2:])} and 1 or {x.shape[1] if x.ndim == 4 else '?'} channels"
+            )
         if self.per_sample and self.mask.shape[0] != x.shape[0]:
             raise ValueError(f"mask holds {self.mask.shape[0]} per-sample masks for a batch of {x.shape[0]}")
         return self.mask.to(device=x.device, dtype=x.dtype)

@@ -18,6 +18,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 
+from ..core.nonfinite import NonFiniteWatch
 from ..core.sde import sample_noise
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -110,6 +111,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        nonfinite_check: str = "auto",
     ) -> ImagePipelineOutput | tuple:
         """
         Args:
@@ -120,6 +122,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
             latents: initial noise (B, C, H, W); drawn from ``generator`` when None.
             output_type: "pil" (list of images), "np" (B, H, W, C) in [0, 1], "pt" (B, C, H, W) in [0, 1],
                 or "latent" (the raw final samples in model space, not clipped).
+            nonfinite_check: NaN/Inf in the (guided) model output is a FloatingPointError naming the step, the
+                timestep and how many samples, whatever the scheduler: "auto" (at the step on the CPU, at the end
+                of the run on accelerators), "eager", "deferred" or "off" (:mod:`steerdiff.core.nonfinite`).
         """
         labels = self._check_labels(class_labels)
         check_call_arguments(num_inference_steps, guidance_scale, output_type)
@@ -135,8 +140,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
         use_cfg = self.do_classifier_free_guidance
         model_labels = torch.cat([torch.full_like(labels, self.num_classes), labels]) if use_cfg else labels
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        what = "the guided model output" if use_cfg else "the model output"
+        watch = NonFiniteWatch(nonfinite_check, what, len(self.scheduler.timesteps))
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_in = self.scheduler.scale_model_input(x, t)
             if use_cfg:
                 model_in = torch.cat([model_in, model_in])
@@ -144,7 +151,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
             if use_cfg:
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
+            watch.update(i, out, t)
             x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
+        watch.finish()
 
         images = x if output_type == "latent" else self.image_processor.postprocess(x, output_type=output_type)
         self.maybe_free_model_hooks()

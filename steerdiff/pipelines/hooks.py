@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.process import noise_process_from_config, prediction_type_from_config
-from ..core.tensors import check_finite
+from ..core.nonfinite import NonFiniteWatch
 from ..guidance.base import GuidanceRule, GuidanceState
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "DiTPipeline", "ClassConditionalPipeline")
@@ -253,8 +253,9 @@ class GuidanceHook:
         self.network_calls += 1
         guided = self.rule(cond[:, channels], uncond[:, channels], state)
         if self.check_finite and not bool(torch.isfinite(prediction).all() & torch.isfinite(guided).all()):
-            check_finite(prediction, "the network output", self._step)
-            check_finite(guided, f"the guided prediction of {self.rule!r}", self._step)
+            at = bound.get("timestep")  # the step, its timestep and how many samples (not CFG rows) went bad
+            NonFiniteWatch("eager", "the network output").update(self._step, prediction, at, batch=half)
+            NonFiniteWatch("eager", f"the guided prediction of {self.rule!r}").update(self._step, guided, at, batch=half)
         if self.layout.guided_channels is not None:
             guided = torch.cat([guided, cond[:, self.layout.guided_channels :]], dim=1)
         self._step += 1

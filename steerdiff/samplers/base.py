@@ -52,10 +52,10 @@ from ..core.denoiser import Prediction
 from ..core.grid import FINAL_SIGMAS_TYPES, Grid, check_choice, resolve_grid
 from ..core.prediction import to_eps, to_x0
 from ..core.process import FLOW_KEYS, NOISE_PROCESSES, VP_KEYS, as_config, noise_process_family, noise_process_from_config, prediction_type_from_config
-from ..core.tensors import check_finite, expand_to
+from ..core.nonfinite import NONFINITE_CHECKS, NonFiniteWatch
+from ..core.tensors import expand_to
 from ..core.timesteps import TIMESTEP_SPACINGS
 
-NONFINITE_CHECKS = ("auto", "eager", "deferred", "off")
 
 
 def _host_timestep(timestep) -> float | None:
@@ -151,7 +151,7 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         self._grid: Grid | None = None
         self._step_index: int | None = None
         self._begin_index: int | None = None
-        self._first_nonfinite: torch.Tensor | None = None
+        self._nonfinite = NonFiniteWatch(nonfinite_check, "model_output")
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
@@ -232,7 +232,7 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         self._momentum.reset()
         self._step_index = None
         self._begin_index = None
-        self._first_nonfinite = None
+        self._nonfinite = NonFiniteWatch(c.nonfinite_check, "model_output", grid.num_steps)
 
     def step(
         self,
@@ -294,7 +294,7 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
     def first_nonfinite_step(self) -> torch.Tensor | None:
         """Device tensor: the first step of this run whose model output held NaN/Inf, -1 if none so far
         (deferred checking only; None otherwise)."""
-        return self._first_nonfinite
+        return self._nonfinite.first_step
 
     # -- shared pieces of the updates -----------------------------------------------------------------
     def _eps(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
@@ -330,30 +330,10 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         return i
 
     def _watch_nonfinite(self, model_output: torch.Tensor, i: int) -> None:
-        mode = self.config.nonfinite_check
-        if mode == "off":
-            return
-        if mode == "eager" or (mode == "auto" and model_output.device.type == "cpu"):
-            # a sum is NaN/Inf whenever an entry is (and, rarely, on overflow): one cheap pass, then the exact check
-            if not bool(torch.isfinite(model_output.sum())):
-                check_finite(model_output, f"model_output (timestep {self._grid.t_host[i]:g})", step=i)
-            return
-        bad = ~torch.isfinite(model_output).all()
-        first = self._first_nonfinite
-        if first is None:
-            first = torch.full((), -1, dtype=torch.long, device=model_output.device)
-        self._first_nonfinite = torch.where(bad & (first < 0), i, first)
+        self._nonfinite.update(i, model_output, self._grid.t_host[i])
 
     def _raise_deferred_nonfinite(self) -> None:
-        if self._first_nonfinite is None:
-            return
-        k = int(self._first_nonfinite)  # the one host read of a deferred run, at its last step
-        if k >= 0:
-            raise FloatingPointError(
-                f"model_output held NaN/Inf values, first at step {k} (timestep {self._grid.t_host[k]:g}) of "
-                f"{self.num_inference_steps}; found at the last step because nonfinite_check checks on the device "
-                "without synchronising (use nonfinite_check='eager' to stop at the bad step)"
-            )
+        self._nonfinite.finish()
 
 
 def schedule_options(init):
