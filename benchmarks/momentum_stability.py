@@ -1,8 +1,8 @@
 """Edges of the real-axis stability intervals of PLMS-r + HB and GHVB(r, beta), measured on y' = lambda y.
 
 Each edge is found by running the update rule itself (steerdiff.core.stability.real_axis_stability_edge: 4000
-steps, z on a grid of step 1e-3, so edges carry about -1e-3 of grid bias) and printed next to methods.md's
-formula for heavy ball, edge(beta) = edge(1) (2 - beta) / beta.  GHVB has no formula in the digest.
+steps, z on a grid of step 1e-3, so edges carry about -1e-3 of grid bias) and printed next to the heavy-ball
+formula of Wizadwongsa & Suwajanakorn (ICLR 2024), edge(beta) = edge(1) (2 - beta) / beta.  GHVB has no closed form there.
 
     python -m benchmarks.momentum_stability        # from the repository root, about a minute
 """

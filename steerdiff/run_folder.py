@@ -53,7 +53,7 @@ def check_writable_folder(path: str | Path, what: str = "output_dir") -> Path:
     """``path`` is (or can be created as) a folder this process may write to."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise RunFolderError(f"{what} {str(path)!r} is a file, not a folder; choose another {what}")
+        raise RunFolderError(f"{what} {str(path)!r} is a file, not a folder; choose another path")
     base = _nearest_existing(path)
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
         raise RunFolderError(f"{what} {str(path)!r} cannot be written: {str(base)!r} is not a writable folder")

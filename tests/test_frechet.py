@@ -69,7 +69,24 @@ def test_identical_distributions_give_zero():
         mu = rng.standard_normal(16)
         s = random_covariance(rng, 16, rank=rank)
         assert frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-9)
-        assert frechet_distance(mu, s, mu, s) >= 0.0
+
+
+def test_a_round_off_negative_becomes_zero_and_a_real_distance_is_exact():
+    """The unclamped formula tr S + tr S - 2 tr (S S)^(1/2) of two identical covariances comes out a tiny negative
+    for some S (round-off); frechet_distance returns exactly 0 there.  Equal covariances with means a apart give
+    ||a||^2, unclamped."""
+    from steerdiff.metrics.frechet import _trace_sqrt
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        s = torch.as_tensor(random_covariance(rng, 12))
+        raw = float(2 * torch.trace(s) - 2 * _trace_sqrt(s, s))
+        if raw < 0:
+            break
+    assert raw < 0, "no covariance with a negative round-off found"
+    assert frechet_distance(np.zeros(12), s, np.zeros(12), s) == 0.0
+    shift = np.linspace(-1, 1, 12)
+    assert frechet_distance(np.zeros(12), s, shift, s) == pytest.approx(float(shift @ shift) + raw, rel=0, abs=1e-12)
 
 
 def test_symmetric_in_its_arguments():

@@ -1,4 +1,5 @@
-"""Guidance rules against their formulas (methods.md section 2) on random float64 tensors, in every
+"""Guidance rules against their formulas (CFG: Ho & Salimans 2022; APG: Sadat et al., ICLR 2025; rescale: Lin et al. 2024;
+CFG-Zero*: Fan et al. 2025) on random float64 tensors, in every
 parametrization; masks, per-run state, bad input and the registry."""
 
 import math

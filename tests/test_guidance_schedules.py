@@ -15,7 +15,7 @@ KWARGS = {"clamp_linear": {"c": C}, "clamp_cosine": {"c": C}, "power_cosine": {"
 
 
 def paper_weight(name, s):
-    """The schedules of Wang et al. (methods.md) on the paper's strength w' = w - 1, returned as diffusers' w."""
+    """The schedules of Wang et al. ("Analysis of Classifier-Free Guidance Weight Schedulers", TMLR 2024) on the paper's strength w' = w - 1, returned as diffusers' w."""
     w0 = W0 - 1
     linear, cosine = 2 * w0 * (1 - s), w0 * (1 + torch.cos(math.pi * s))
     half = s >= 0.5

@@ -1,4 +1,4 @@
-"""Magnitude score (methods.md section 1) and the out-of-range fraction."""
+"""Magnitude score (Wizadwongsa & Suwajanakorn, ICLR 2024) and the out-of-range fraction."""
 
 import pytest
 import torch

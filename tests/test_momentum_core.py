@@ -98,7 +98,7 @@ def test_order_outside_1_to_4_is_rejected(bad):
 @pytest.mark.parametrize("beta", [1.0, 0.8, 0.5])
 @pytest.mark.parametrize("order,edge_without_momentum", [(1, -2.0), (2, -1.0), (4, -0.3)])
 def test_heavy_ball_stability_edge_matches_formula(order, edge_without_momentum, beta):
-    """methods.md: Euler -2 -> -2 (2 - beta) / beta, AB2 -1 -> -(2 - beta) / beta, AB4 -0.3 -> -0.3 (2 - beta) / beta,
+    """Wizadwongsa & Suwajanakorn (ICLR 2024): Euler -2 -> -2 (2 - beta) / beta, AB2 -1 -> -(2 - beta) / beta, AB4 -0.3 -> -0.3 (2 - beta) / beta,
     found by running PLMS-r + HB itself on y' = lambda y over a grid of z = h lambda (step 1e-3)."""
     expected = edge_without_momentum * (2 - beta) / beta
     measured = real_axis_stability_edge(plms_hb_direction, order, beta)

@@ -13,7 +13,7 @@ from .apg import APG, project
 from .base import GuidanceRule, GuidanceState
 from .cfg import CFG, CFGRescale, CFGZeroStar
 from .interval import GuidanceInterval
-from .manifold import DPS, MCG, ProjectionOnly, Unconditional  # inverse problems (issue 6)
+from .manifold import DPS, MCG, ProjectionOnly, Unconditional  # inverse problems
 from .registry import RULES, get_rule, get_schedule
 from .schedules import (
     SCHEDULES,
@@ -36,4 +36,15 @@ __all__ = [
     "LambdaShape", "Linear", "LinearAG", "PowerCosine", "Sine", "VShape", "WeightSchedule", "cosine_similarity",
     "get_rule", "get_schedule", "project",
 ]
-__all__ += ["DPS", "MCG", "ProjectionOnly", "Unconditional"]  # inverse problems (issue 6)
+__all__ += ["DPS", "MCG", "ProjectionOnly", "Unconditional"]  # inverse problems
+__all__ += ["RuleGuider", "modular"]
+
+
+def __getattr__(name):
+    """``steerdiff.guidance.modular`` and ``RuleGuider`` on first use (they import diffusers' modular guiders)."""
+    if name in ("modular", "RuleGuider"):
+        import importlib
+
+        module = importlib.import_module(".modular", __name__)
+        return module if name == "modular" else module.RuleGuider
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -284,7 +284,11 @@ class LinearAG(GuidanceRule):
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"LinearAG coefficients file {str(path)!r} does not exist")
+            raise FileNotFoundError(
+                f"LinearAG coefficients file {str(path)!r} does not exist; create it by calibrating on the model, "
+                "scheduler and number of steps you sample with, e.g. python -m scripts.calibrate_linear_ag --model "
+                "digits --scheduler dpmpp_2m --steps 20 --scales 3 5 9 15 (LinearAG.calibrate(...).save(path) in Python)"
+            )
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != LINEAR_AG_FORMAT or meta.get("features") != ",".join(LINEAR_AG_FEATURES):

@@ -1,4 +1,5 @@
-"""Divergence measures of final samples (methods.md section 1; Wizadwongsa & Suwajanakorn, ICLR 2024).
+"""Divergence measures of final samples (Wizadwongsa & Suwajanakorn, "Diffusion Sampling with Momentum
+for Mitigating Divergence Artifacts", ICLR 2024, the magnitude score of their divergence study).
 
 Magnitude score, for samples x of shape (N, C, H, W) and per-channel statistics (m_c, s_c):
 
@@ -8,7 +9,7 @@ Magnitude score, for samples x of shape (N, C, H, W) and per-channel statistics 
     score  = mean( p * [p >= tau] ),  tau = 3      (values below the threshold count as 0)
 
 so 0 means no 4x4 patch strays more than tau standard deviations from the typical value, and a diverged
-sample with a saturated blotch scores high.  methods.md does not say which statistics normalize the channels;
+sample with a saturated blotch scores high.  The paper does not pin down which statistics normalize the channels;
 steerdiff uses those of the model's reference data (``normalize: data``, the default, so that a uniformly
 blown-up batch is caught), or of the scored samples themselves (``samples``), or mean 0 / std 1 (``unit``,
 for latents scaled to unit variance).
