@@ -279,3 +279,19 @@ def test_a_missing_linear_ag_file_says_how_to_create_it(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="python -m scripts.calibrate_linear_ag"):
         get_rule("linear_ag", rule={"name": "cfg", "scale": 3.0}, coefficients=str(tmp_path / "none.safetensors"))
+
+
+def test_restore_with_nan_weights_names_the_step(tmp_path, tiny_model_dir, capsys):
+    weights = next((tiny_model_dir / "unet").glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if k.endswith("conv_out.bias"))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, str(weights))
+    assert main(["restore", "--config", "configs/restore/box.yaml", f"model={tiny_model_dir}", "data.num_images=2",
+                 "sampler.steps=3", "metrics=[psnr]", f"output_dir={tmp_path / 'o'}"]) == 1
+    assert "the model output holds NaN/Inf at step 0 of 3 (timestep 999) in 2 of 2 samples" in capsys.readouterr().err
+
+
+def test_generate_shows_progress(tmp_path, tiny_model_dir, capsys):
+    assert _generate(tmp_path, tiny_model_dir) == 0
+    assert "generate: 100%" in capsys.readouterr().err and (tmp_path / "g.png").is_file()

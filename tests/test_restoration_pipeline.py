@@ -261,8 +261,12 @@ def test_unconditional_model_rejects_class_labels():
 def test_non_finite_model_output_is_reported(tiny64):
     hook = tiny64.register_forward_hook(lambda m, args, out: UNet2DOutput(sample=out.sample * math.inf))
     try:
+        run = lambda check: pipeline(tiny64, DDPMScheduler(), DPS())(  # noqa: E731
+            torch.zeros(1, 1, 8, 8, dtype=F64), Inpainting(box_mask((8, 8))), num_inference_steps=2, generator=gens(0),
+            nonfinite_check=check)
+        with pytest.raises(FloatingPointError, match=r"the model output holds NaN/Inf at step 0 of 2 \(timestep 999\)"):
+            run("auto")
         with pytest.raises(FloatingPointError, match="the restored samples have 64 NaN/Inf values"):
-            pipeline(tiny64, DDPMScheduler(), DPS())(torch.zeros(1, 1, 8, 8, dtype=F64), Inpainting(box_mask((8, 8))),
-                                                     num_inference_steps=2, generator=gens(0))
+            run("off")  # the final check still catches what the per-step watch was told to ignore
     finally:
         hook.remove()

@@ -40,6 +40,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 
 from ..core.grid import Grid, make_grid
+from ..core.nonfinite import NonFiniteWatch
 from ..core.process import noise_process_from_config, prediction_type_from_config
 from ..core.sde import ancestral_step, sample_noise
 from ..core.tensors import batch_norm, expand_to
@@ -157,6 +158,7 @@ class RestorationPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_residuals: bool = False,
         return_dict: bool = True,
+        nonfinite_check: str = "auto",
     ) -> RestorationPipelineOutput | tuple:
         """
         Args:
@@ -172,6 +174,9 @@ class RestorationPipeline(DiffusionPipeline):
             latents: initial noise (B, C, H, W); drawn from ``generator`` when None.
             output_type: "pil", "np" or "pt" (images in [0, 1]) or "latent" (raw restorations in model space).
             return_residuals: also return ||y - A x0_hat|| per step and sample.
+            nonfinite_check: NaN/Inf in the model output is a FloatingPointError naming the step, the timestep and
+                how many samples: "auto", "eager", "deferred" or "off" (:mod:`steerdiff.core.nonfinite`); a
+                diverging guidance step is caught on the restored samples at the end.
         """
         method = self.method if self.method is not None else Unconditional()
         if not isinstance(method, RestorationMethod):
@@ -211,6 +216,8 @@ class RestorationPipeline(DiffusionPipeline):
         if sampler == "scheduler":
             state = state * self.scheduler.init_noise_sigma
         residuals, calls = [], 0
+        what = "the guided model output" if denoiser.guided else "the model output"
+        watch = NonFiniteWatch(nonfinite_check, what, len(timesteps))
         for i, t in enumerate(self.progress_bar(timesteps)):
             a, s = alphas[i], sigmas[i]
             x = self.scheduler.scale_model_input(state, t) if sampler == "scheduler" else state  # the VP sample
@@ -220,6 +227,7 @@ class RestorationPipeline(DiffusionPipeline):
                 out, x0_hat = pred.output, pred.x0
                 residual = y - operator.forward(x0_hat)
             calls += 1
+            watch.update(i, out.detach(), t)
             if return_residuals:
                 residuals.append(batch_norm(residual.detach()))
             with torch.no_grad():
@@ -236,6 +244,7 @@ class RestorationPipeline(DiffusionPipeline):
             x_next = method.update(x_next, x, residual, operator, noised_y)
             state = x_next.detach() / expand_to(scale[i + 1], x_next)
 
+        watch.finish()
         if not bool(torch.isfinite(state).all()):
             raise FloatingPointError(
                 f"the restored samples have {int((~torch.isfinite(state)).sum())} NaN/Inf values: the model output "
