@@ -311,10 +311,12 @@ class GuidanceHook:
             return GuidanceState(self.schedule, t, sample, self.prediction_type, self._step, alpha=1.0 - s, sigma=s)
         return GuidanceState(self.schedule, timestep, sample, self.prediction_type, self._step)
 
-    def _finite(self, prediction: torch.Tensor, guided: torch.Tensor, timestep, batch: int) -> None:
-        if self.check_finite and not bool(torch.isfinite(prediction).all() & torch.isfinite(guided).all()):
+    def _finite(self, guided: torch.Tensor, timestep, batch: int, *predictions: torch.Tensor) -> None:
+        """One pass over what the pipeline receives (NaN/Inf in a prediction reaches it through every rule); the
+        network outputs are read only to word the error."""
+        if self.check_finite and not bool(torch.isfinite(guided).all()):
             # the step, its timestep and how many samples (not CFG rows) went bad
-            NonFiniteWatch("eager", "the network output").update(self._step, prediction, timestep, batch=batch)
+            NonFiniteWatch("eager", "the network output").update(self._step, torch.cat(predictions), timestep, batch=batch)
             NonFiniteWatch("eager", f"the guided prediction of {self.rule!r}").update(self._step, guided, timestep, batch=batch)
 
     def _forward(self, inner, names, *args, **kwargs):
@@ -369,9 +371,9 @@ class GuidanceHook:
         if need is not None:
             state = state.replace(evaluated=need)
         guided = self.rule(cond[:, guided_slice], uncond[:, guided_slice], state)
-        self._finite(prediction, guided, timestep, b)
         if channels is not None:
             guided = torch.cat([guided, cond[:, channels:]], dim=1)
+        self._finite(guided, timestep, b, prediction)
         self._step += 1
         if groups == 3:  # [g, g, g - (c - p)]: the pipeline then adds pag_scale (c - p) to g, its PAG term unchanged
             perturbed = prediction[2 * b :]
@@ -383,7 +385,7 @@ class GuidanceHook:
         step: run it (or the rows the rule needs, or nothing), form g, write g into the conditional output the
         pipeline holds and return g as the unconditional one, so that the pipeline's u + w (c - u) is g exactly."""
         timestep = bound.get("timestep")
-        key = None if timestep is None else (tuple(timestep.shape), float(timestep.reshape(-1)[0])) if torch.is_tensor(timestep) else timestep
+        key = self._scheduler.step_index  # the same for both calls of a step (the scheduler steps in between)
         pending = self._pending
         if pending is not None and pending["key"] != key:
             raise self._no_uncond_branch()  # the last step's conditional call had no unconditional partner
@@ -418,10 +420,10 @@ class GuidanceHook:
         if self.layout.rescale_to_cond_norm:  # Qwen-Image's own rescale, kept: g |c| / |g| over the last dimension
             guided = guided * (torch.linalg.vector_norm(cond, dim=-1, keepdim=True)
                                / torch.linalg.vector_norm(guided, dim=-1, keepdim=True))
-        self._finite(torch.cat([cond, uncond]), guided, timestep, b)
+        self._finite(guided, timestep, b, cond, uncond)
         self._step += 1
         cond.copy_(guided)  # the tensor the pipeline holds as its conditional prediction
-        return _repack(cond_out, guided.clone())
+        return _repack(cond_out, guided)
 
 
 def guide(pipe, rule: GuidanceRule, *, check_finite: bool = True) -> GuidanceHook:
