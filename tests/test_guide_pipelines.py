@@ -250,3 +250,65 @@ def test_wrapped_forwards_are_hooked(wrap):
     with pytest.raises(RuntimeError, match="already guided"):
         with guide(pipe, CFG(W)):
             guide(pipe, CFG(W))
+
+
+class SecondSampleOnly(GuidanceRule):
+    """CFG for the second sample of a batch of two; the first gets its conditional prediction and needs no
+    unconditional one (so its unconditional rows are left out of the network call)."""
+
+    def uncond_needed(self, state):
+        return torch.tensor([False, True], device=state.device)
+
+    def __call__(self, cond, uncond, state):
+        guided = CFG(W)(cond, uncond, state)
+        return torch.cat([cond[:1], guided[1:]])
+
+
+class EvaluateAll(GuidanceRule):
+    """``rule``'s combination with every unconditional row evaluated (the reference for skipped rows)."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def __call__(self, cond, uncond, state):
+        return self.rule(cond, uncond, state)
+
+
+def _two(name):
+    """A call of ``name`` with two samples."""
+    kwargs = PIPELINES[name][1](W)
+    if "prompt" in kwargs:
+        kwargs["prompt"] = ["a cat", "a red dog"]
+        if "image" in kwargs and name == "sd_controlnet":
+            kwargs["image"] = torch.cat([kwargs["image"], _image(7)])
+    else:
+        for key in ("prompt_embeds", "negative_prompt_embeds", "prompt_attention_mask", "negative_prompt_attention_mask",
+                    "prompt_embeds_mask", "negative_prompt_embeds_mask", "pooled_prompt_embeds",
+                    "negative_pooled_prompt_embeds"):
+            if key in kwargs:
+                v = kwargs[key]
+                kwargs[key] = torch.cat([v, v.flip(-1) if v.is_floating_point() else v])
+    return kwargs
+
+
+@pytest.mark.parametrize("name", ["sd_controlnet", "sdxl", "animatediff", "pixart_sigma", "sana", "sd3", "wan"])
+def test_per_row_inputs_follow_the_rows_a_rule_keeps(name):
+    """Leaving out one sample's unconditional rows slices control-net residuals, added_cond_kwargs, per-frame
+    embeddings and attention masks with them: the result equals evaluating every row."""
+    pipe = pipeline(name)
+    rows, handle = counted_rows(pipe)
+    try:
+        with guide(pipe, SecondSampleOnly()) as hook:
+            skipped = output(pipe, _two(name))
+        with guide(pipe, EvaluateAll(SecondSampleOnly())):
+            reference = output(pipe, _two(name))
+    finally:
+        handle.remove()
+    separate = name in ("flux", "qwen_image", "wan")
+    frames = 2 if name == "animatediff" else 1  # its UNet's first layer sees every frame as a row
+    rows = [r // frames for r in rows]
+    n = len(rows) // 2 if separate else len(rows)
+    # sample 0's unconditional rows really were left out: 3 rows a step (batched), or 2 then 1 (two calls)
+    assert rows[: len(rows) // 2] == ([2, 1] * n if separate else [3] * n)[: len(rows) // 2], rows
+    assert hook.network_evaluations == sum(rows[: len(rows) // 2])  # the hook's count, in samples
+    assert float((skipped - reference).abs().max()) <= 1e-5 * max(1.0, float(reference.abs().max())), name
