@@ -312,3 +312,23 @@ def test_per_row_inputs_follow_the_rows_a_rule_keeps(name):
     assert rows[: len(rows) // 2] == ([2, 1] * n if separate else [3] * n)[: len(rows) // 2], rows
     assert hook.network_evaluations == sum(rows[: len(rows) // 2])  # the hook's count, in samples
     assert float((skipped - reference).abs().max()) <= 1e-5 * max(1.0, float(reference.abs().max())), name
+
+
+def test_wan22_two_transformers_are_both_guided_and_guidance_scale_2_is_checked():
+    from diffusers import WanPipeline
+
+    base = pipeline("wan")
+    torch.manual_seed(1)
+    second = type(base.transformer)(**base.transformer.config).eval()
+    pipe = WanPipeline(transformer=base.transformer, transformer_2=second, vae=base.vae, scheduler=base.scheduler,
+                       text_encoder=None, tokenizer=None, boundary_ratio=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = PIPELINES["wan"][1](W)
+    own = output(pipe, kwargs)
+    with guide(pipe, CFG(W)) as hook:
+        guided = output(pipe, PIPELINES["wan"][1](W))
+        assert hook.network_calls == 2 * 3  # the high-noise steps on transformer, the low-noise ones on transformer_2
+        with pytest.raises(ValueError, match="guidance_scale_2=1.5 .* differs from guidance_scale"):
+            output(pipe, {**PIPELINES["wan"][1](W), "guidance_scale_2": 1.5})
+    assert float((guided - own).abs().max()) <= 1e-5 * max(1.0, float(own.abs().max()))
+    assert "_steerdiff_guidance_hook" not in second.__dict__  # both unhooked on leaving
