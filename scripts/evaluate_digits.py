@@ -40,20 +40,20 @@ from steerdiff.metrics.classifier import classify_digits, digits_features, load_
 from steerdiff.metrics.frechet import feature_statistics, frechet_distance  # noqa: E402
 from steerdiff.testbeds.digits import DIGITS_MODEL_PATH, NUM_CLASSES, load_digits_data, load_digits_model  # noqa: E402
 
-SAMPLERS = ("ddim", "dpmpp_2m")
+SAMPLERS = ("ddim", "dpmpp_2m", "flow_euler")
 ACCURACY_TARGET = 0.90
 FD_RATIO_TARGET = 3.0
 
 
 def make_scheduler(name: str, config):
-    """A diffusers scheduler for ``name`` from the model's (DDPM) scheduler config."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    """A diffusers scheduler for ``name`` from the model's scheduler config, through steerdiff's registry, which
+    keeps the noise process: DPM-Solver++ 2M runs in its flow mode on the flow model, DDIM is refused there (use
+    flow_euler, its flow analogue) and FlowMatchEuler on the VP model."""
+    from steerdiff.samplers import make_scheduler as registry_scheduler
 
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "dpmpp_2m":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
+    return registry_scheduler(name, config)
 
 
 def generate(unet, scheduler, labels: torch.Tensor, guidance_scale: float, steps: int, seed: int, batch_size: int) -> torch.Tensor:
@@ -101,7 +101,8 @@ def within_class_spread(feats: torch.Tensor, labels: torch.Tensor, data_feats: t
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=DIGITS_MODEL_PATH,
-                   help="pipeline folder (default: the shipped digits model), or 'mixture' for the analytic digits mixture")
+                   help="pipeline folder (default: the shipped digits model), 'flow' for its rectified-flow twin, or "
+                        "'mixture' for the analytic digits mixture")
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     p.add_argument("--guidance", nargs="+", type=float, default=[3.0, 1.0])
     p.add_argument("--steps", type=int, default=50)
@@ -129,6 +130,8 @@ def main(argv=None) -> dict:
 
         pipe = load_pipeline("mixture")
         unet, ddpm = pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    elif str(args.model) == "flow":
+        unet, ddpm = load_digits_model(variant="flow")
     else:
         unet, ddpm = load_digits_model(path=args.model)
     classifier = load_digits_classifier()

@@ -6,10 +6,15 @@ What it trains
     ``--label-dropout`` so that one network gives both the conditional and the unconditional prediction
     needed by classifier-free guidance (Ho & Salimans 2022).
 
-Objective (DDPM, Ho et al. 2020, epsilon prediction)
-    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,   t ~ U{0, ..., 999},   eps ~ N(0, I)
-    L = E || eps_theta(x_t, t, y) - eps ||^2
-    with the ``DDPMScheduler`` schedule: 1000 steps, linear betas 1e-4..0.02.
+Objective (``--objective``)
+    epsilon (the shipped VP model; DDPM, Ho et al. 2020):
+        x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,   t ~ U{0, ..., 999},   eps ~ N(0, I)
+        L = E || eps_theta(x_t, t, y) - eps ||^2
+        with the ``DDPMScheduler`` schedule: 1000 steps, linear betas 1e-4..0.02.
+    flow (rectified flow, Liu et al. 2023; the velocity target of SD3 / Flux, Esser et al. 2024):
+        x_s = (1 - s) x_0 + s eps,   s ~ U(0, 1),   the network sees t = 1000 s
+        L = E || v_theta(x_s, t, y) - (eps - x_0) ||^2
+        saved with a ``FlowMatchEulerDiscreteScheduler`` config (shift 1), ``prediction_type`` flow_prediction.
 
 Optimisation
     AdamW, linear warmup then cosine decay to ``--lr-min``, gradient clipping at 1.0, and an exponential
@@ -28,10 +33,11 @@ Budget and determinism
 
 Output
     A diffusers pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``) at ``--out`` (default: the
-    shipped ``steerdiff/testbeds/assets/digits``), weights in safetensors, plus ``training_log.json`` with
-    the command, wall time, throughput and losses.
+    shipped ``steerdiff/testbeds/assets/digits``, or ``digits_flow`` for ``--objective flow``), weights in
+    safetensors, plus ``training_log.json`` with the command, wall time, throughput and losses.
 
     python -m scripts.train_digits --steps 8000 --minutes 28
+    python -m scripts.train_digits --objective flow --steps 8000 --minutes 28
 """
 
 from __future__ import annotations
@@ -55,7 +61,14 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from steerdiff.testbeds.digits import DIGITS_MODEL_PATH, IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, load_digits_data  # noqa: E402
+from steerdiff.testbeds.digits import (  # noqa: E402
+    DIGITS_FLOW_MODEL_PATH,
+    DIGITS_MODEL_PATH,
+    IMAGE_SIZE,
+    NULL_CLASS,
+    NUM_CLASSES,
+    load_digits_data,
+)
 
 MODEL_INDEX = {
     "_class_name": "ClassConditionalPipeline",
@@ -89,6 +102,13 @@ def build_unet(width: int = 32, layers_per_block: int = 2):
     )
 
 
+def build_flow_scheduler():
+    """The flow model's scheduler config: rectified flow, 1000 training timesteps (t = 1000 s), shift 1."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
 def build_scheduler():
     """The training noise schedule: DDPM, 1000 steps, linear betas 1e-4..0.02, epsilon, no clipping.
 
@@ -113,7 +133,8 @@ def save_pipeline_folder(out: Path, unet, scheduler) -> None:
     out.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     scheduler.save_pretrained(out / "scheduler")
-    (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    index = {**MODEL_INDEX, "scheduler": ["diffusers", type(scheduler).__name__]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def lr_at(step: int, progress: float, warmup: int, lr: float, lr_min: float) -> float:
@@ -126,7 +147,9 @@ def lr_at(step: int, progress: float, warmup: int, lr: float, lr_min: float) -> 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=DIGITS_MODEL_PATH, help="output pipeline folder (default: the shipped one)")
+    p.add_argument("--objective", choices=("epsilon", "flow"), default="epsilon",
+                   help="epsilon: DDPM noise prediction (the shipped VP model); flow: rectified-flow velocity")
+    p.add_argument("--out", type=Path, default=None, help="output pipeline folder (default: the shipped one of the objective)")
     p.add_argument("--steps", type=int, default=8000, help="maximum optimisation steps (the run ends at --steps or --minutes)")
     p.add_argument("--minutes", type=float, default=28.0, help="wall-clock budget in minutes, imports included")
     p.add_argument("--batch-size", type=int, default=128)
@@ -143,6 +166,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--replay-lr", type=Path, default=None, help="training_log.json of an earlier run: replay its steps and learning rates")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = DIGITS_MODEL_PATH if args.objective == "epsilon" else DIGITS_FLOW_MODEL_PATH
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
     if args.minutes <= 0:
@@ -164,15 +189,16 @@ def main(argv=None) -> dict:
     images, labels = load_digits_data("all")
     n = images.shape[0]
     unet = build_unet(args.width, args.layers_per_block)
-    scheduler = build_scheduler()
+    flow = args.objective == "flow"
+    scheduler = build_flow_scheduler() if flow else build_scheduler()
     ema = build_unet(args.width, args.layers_per_block)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"UNet2DModel: {n_params:,} parameters; {n} training images; {args.steps} steps of batch {args.batch_size}", flush=True)
 
-    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
     num_t = scheduler.config.num_train_timesteps
+    alphas_cumprod = None if flow else scheduler.alphas_cumprod.to(torch.float32)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     ema_params = list(ema.parameters())
     params = list(unet.parameters())
@@ -204,10 +230,18 @@ def main(argv=None) -> dict:
         y = labels[idx].clone()
         drop = torch.rand(y.shape, generator=gen) < args.label_dropout
         y[drop] = NULL_CLASS
-        t = torch.randint(0, num_t, (x0.shape[0],), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        if flow:
+            s = torch.rand(x0.shape[0], generator=gen)
+            t = s * num_t
+            eps = torch.randn(x0.shape, generator=gen)
+            xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
+            target = eps - x0
+        else:
+            t = torch.randint(0, num_t, (x0.shape[0],), generator=gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+            xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+            target = eps
 
         elapsed = time.perf_counter() - t_start
         progress = max(step / args.steps, elapsed / budget_s)
@@ -220,7 +254,7 @@ def main(argv=None) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         pred = unet(xt, t, class_labels=y).sample
-        loss = torch.nn.functional.mse_loss(pred, eps)
+        loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -134,7 +134,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
             latents = sample_noise(shape, generator, self.device, self.unet.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        x = latents.to(self.device, self.unet.dtype) * self.scheduler.init_noise_sigma
+        # flow-matching schedulers (FlowMatchEuler...) have neither an initial noise scale nor a model-input scaling
+        x = latents.to(self.device, self.unet.dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        scale_input = getattr(self.scheduler, "scale_model_input", lambda sample, timestep: sample)
 
         self._guidance_scale = float(guidance_scale)
         use_cfg = self.do_classifier_free_guidance
@@ -144,7 +146,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         watch = NonFiniteWatch(nonfinite_check, what, len(self.scheduler.timesteps))
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_in = self.scheduler.scale_model_input(x, t)
+            model_in = scale_input(x, t)
             if use_cfg:
                 model_in = torch.cat([model_in, model_in])
             out = self.unet(model_in, t, class_labels=model_labels).sample

@@ -19,7 +19,7 @@ from ..samplers.registry import make_scheduler
 from ..weights import check_safetensors_folder
 from .class_conditional import ClassConditionalPipeline
 
-BUILTIN_MODELS = ("digits", "mixture")
+BUILTIN_MODELS = ("digits", "digits-flow", "mixture")
 
 
 def _load_model_folder(folder: Path):
@@ -36,10 +36,10 @@ def _load_model_folder(folder: Path):
 
 def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """A :class:`ClassConditionalPipeline` for a built-in model name or a local folder."""
-    if model == "digits":
+    if model in ("digits", "digits-flow"):
         from ..testbeds.digits import load_digits_model
 
-        unet, scheduler = load_digits_model()
+        unet, scheduler = load_digits_model(variant="flow" if model == "digits-flow" else "vp")
     elif model == "mixture":
         from ..testbeds.mixture import fit_digits_mixture
 

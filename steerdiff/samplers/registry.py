@@ -38,6 +38,7 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "plms_hb": ("HeavyBallPLMSScheduler", {}),
     "dpmpp_2m_hb": ("HeavyBallDPMSolverScheduler", {}),
     "ghvb": ("GHVBScheduler", {}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 
 

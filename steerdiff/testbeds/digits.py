@@ -31,6 +31,7 @@ Model
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,8 @@ TEST_FRACTION = 0.2
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DIGITS_MODEL_PATH = ASSETS_DIR / "digits"
 """The shipped diffusers pipeline folder of the digits model."""
+DIGITS_FLOW_MODEL_PATH = ASSETS_DIR / "digits_flow"
+"""Its rectified-flow twin (``scripts/train_digits.py --objective flow``): same UNet and label dropout, velocity."""
 
 _SPLITS = ("all", "train", "test")
 
@@ -104,29 +107,43 @@ def load_digits_data(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
     return images[idx].contiguous(), labels[idx].contiguous()
 
 
-def load_digits_model(device=None, dtype: torch.dtype = torch.float32, path: str | Path | None = None):
-    """Load the shipped class-conditional digits model: returns ``(unet, scheduler)``.
+DIGITS_VARIANTS = ("vp", "flow")
 
-    ``unet`` is a ``diffusers.UNet2DModel`` in eval mode on ``device`` with ``dtype``; ``scheduler`` is the
-    ``diffusers.DDPMScheduler`` it was trained with.  ``path`` defaults to :data:`DIGITS_MODEL_PATH`; the
-    weights are read with ``use_safetensors=True`` only.
+
+def load_digits_model(device=None, dtype: torch.dtype = torch.float32, path: str | Path | None = None, variant: str = "vp"):
+    """Load a shipped class-conditional digits model: returns ``(unet, scheduler)``.
+
+    ``variant``: "vp" (epsilon prediction, DDPM schedule, :data:`DIGITS_MODEL_PATH`) or "flow" (its rectified-flow
+    twin, velocity prediction, :data:`DIGITS_FLOW_MODEL_PATH`).  ``unet`` is a ``diffusers.UNet2DModel`` in eval mode
+    on ``device`` with ``dtype``; ``scheduler`` is the diffusers scheduler its folder names (``DDPMScheduler``,
+    ``FlowMatchEulerDiscreteScheduler``).  ``path`` overrides the folder; the weights are read with
+    ``use_safetensors=True`` only.
     """
-    from diffusers import DDPMScheduler, UNet2DModel
+    import diffusers
+    from diffusers import UNet2DModel
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
-    folder = Path(path) if path is not None else DIGITS_MODEL_PATH
+    if variant not in DIGITS_VARIANTS:
+        raise ValueError(f"variant must be one of {DIGITS_VARIANTS}, got {variant!r}")
+    folder = Path(path) if path is not None else (DIGITS_MODEL_PATH if variant == "vp" else DIGITS_FLOW_MODEL_PATH)
     check_safetensors_folder(folder / "unet")
     unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, torch_dtype=dtype)
     unet.eval().requires_grad_(False)
     if device is not None:
         unet.to(device)
-    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    name = config.get("_class_name", "DDPMScheduler")
+    if name not in ("DDPMScheduler", "FlowMatchEulerDiscreteScheduler"):
+        raise ValueError(f"{str(folder)!r} names the scheduler {name!r}; expected DDPMScheduler or FlowMatchEulerDiscreteScheduler")
+    scheduler = getattr(diffusers, name).from_pretrained(folder, subfolder="scheduler")
     return unet, scheduler
 
 
 __all__ = [
+    "DIGITS_FLOW_MODEL_PATH",
     "DIGITS_MODEL_PATH",
+    "DIGITS_VARIANTS",
     "IMAGE_SIZE",
     "MAX_GREY_LEVEL",
     "NULL_CLASS",
