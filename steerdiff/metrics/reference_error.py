@@ -33,8 +33,13 @@ def reference_solution(model_fn, noise: torch.Tensor, schedule, steps: int = 100
     ``model_fn``: the model boundary (:class:`steerdiff.core.Denoiser`) or a plain ``(x, t) -> output`` of
     ``prediction_type``; ``schedule``: the noise process (VP or flow).  The grid is diffusers' "trailing" spacing
     (it starts at t = T - 1 for any step count and has no repeated timesteps; with steps = T it is every training
-    timestep), then the clean end."""
-    grid = with_final(spaced_timesteps(schedule.num_train_timesteps, steps, "trailing", device=noise.device))
+    timestep), then the clean end; on a flow process, ``steps`` equal steps in s from 1 (pure noise, where the flow
+    samplers start) to 0."""
+    T = schedule.num_train_timesteps
+    if schedule.kind == "flow":  # from pure noise (s = 1), where flow samplers start, to s = 0 in equal steps of s
+        grid = torch.linspace(T, 0, steps + 1, dtype=torch.float64)
+    else:
+        grid = with_final(spaced_timesteps(T, steps, "trailing", device=noise.device))
     return sample_dpmpp_2m(model_fn, noise, schedule, grid, prediction_type)
 
 

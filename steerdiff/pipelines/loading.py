@@ -19,7 +19,7 @@ from ..samplers.registry import make_scheduler
 from ..weights import check_safetensors_folder
 from .class_conditional import ClassConditionalPipeline
 
-BUILTIN_MODELS = ("digits", "digits-flow", "mixture")
+BUILTIN_MODELS = ("digits", "digits-flow", "mixture", "mixture-flow")
 
 
 def _load_model_folder(folder: Path):
@@ -40,11 +40,14 @@ def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dty
         from ..testbeds.digits import load_digits_model
 
         unet, scheduler = load_digits_model(variant="flow" if model == "digits-flow" else "vp")
-    elif model == "mixture":
+    elif model in ("mixture", "mixture-flow"):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
         from ..testbeds.mixture import fit_digits_mixture
 
-        unet = fit_digits_mixture()
-        scheduler = DDPMScheduler(clip_sample=False)
+        # the analytic digits mixture, its exact eps under DDPM's schedule or its exact velocity as a flow model
+        scheduler = FlowMatchEulerDiscreteScheduler() if model == "mixture-flow" else DDPMScheduler(clip_sample=False)
+        unet = fit_digits_mixture(scheduler_config=scheduler)
     else:
         root = Path(model).expanduser()
         if not root.exists():
