@@ -93,3 +93,18 @@ def test_benchmark_cells_on_both_flow_models(tmp_path):
     euler = by[("mixture-flow", "flow_euler", "cfg 1")]["metrics"]["l2_error"]
     dpm = by[("mixture-flow", "dpmpp_2m", "cfg 1")]["metrics"]["l2_error"]
     assert dpm < euler  # the second-order solver is closer to the flow's own solution at equal NFE
+
+
+@pytest.mark.parametrize("name", ["flow_baselines", "flow_momentum"])
+def test_flow_benchmark_configs_plan(name, tmp_path):
+    """The shipped flow grids validate and every scheduler builds in the flow process of both models."""
+    from steerdiff.benchmark.runner import prepare
+    from steerdiff.cli.config import load_config
+    from steerdiff.benchmark import BenchmarkConfig
+
+    cfg = load_config(BenchmarkConfig, f"configs/benchmark/{name}.yaml", [f"output_dir={tmp_path}", "device=cpu"])
+    assert [m.model for m in cfg.models] == ["digits-flow", "mixture-flow"]
+    plans = prepare(cfg, torch.device("cpu"))
+    assert all(p.scheduler.config.get("prediction_type", "flow_prediction") == "flow_prediction" for p in plans)
+    heun = {p.cell.nfe for p in plans if type(p.scheduler).__name__ == "FlowMatchHeunDiscreteScheduler" and p.skip_reason}
+    assert heun and all(n % 2 == 0 for n in heun)  # Heun reaches odd NFE only (2N - 1 calls)
