@@ -95,7 +95,7 @@ def test_cfg_under_the_hook_is_the_pipelines_cfg_and_leaving_restores_it(name):
     with guide(pipe, CFG(W)) as hook:
         hooked = output(pipe, call(W + 4.0))  # the pipeline's own scale is not used under the hook
     assert hook.network_calls > 0
-    assert float((hooked - before).abs().max()) <= 1e-5 * max(1.0, float(before.abs().max())), name
+    assert float((hooked - before).abs().max()) <= 1e-5, name  # float32
     after = output(pipe, call(W))
     assert torch.equal(after, before)
 
