@@ -495,7 +495,10 @@ def sample_with_grad(
         x_T: the initial noise (B, C, H, W); its dtype and device are the sampler's.
         schedule: a noise process (:class:`~steerdiff.core.NoiseSchedule`, :class:`~steerdiff.core.FlowMatchSchedule`),
             a diffusers scheduler or its config (VP or flow matching: the flow ODE is integrated in the same
-            (alpha, sigma) form; mode="adjoint" needs a grid that starts below s = 1).
+            (alpha, sigma) form; mode="adjoint" needs a grid that starts below s = 1, and its dL/dx_T there is
+            divided by alpha_0 = 1 - s_0, which amplifies the error of its last step: on the digits flow model at 50
+            steps the direction is right (cosine 0.994) but the size is not (docs/benchmarks/flow.md); use
+            mode="checkpoint" for gradients with respect to x_T on flow models).
         num_inference_steps: N; the grid is ``with_final(spaced_timesteps(T, N, timestep_spacing))``, ending at
             the clean end, with the scheduler config's ``timestep_spacing`` unless given ("linspace" for a
             NoiseSchedule).  Or give ``timesteps`` (a decreasing grid of N + 1 timesteps, fractional allowed).
