@@ -60,16 +60,14 @@ def check_writable_folder(path: str | Path, what: str = "output_dir") -> Path:
     return path
 
 
-def check_output_file(path: str | Path, what: str = "output", suffixes: tuple[str, ...] = (), overwrite: bool = True) -> Path:
+def check_output_file(path: str | Path, what: str = "output", suffixes: tuple[str, ...] = ()) -> Path:
     """``path`` can be written as a file: not a folder, a writable parent, one of ``suffixes`` (when given), and
-    not an existing file unless ``overwrite``."""
+    writable when it exists."""
     path = Path(path)
     if suffixes and path.suffix.lower() not in suffixes:
         raise RunFolderError(f"{what} {str(path)!r} must end in one of {', '.join(suffixes)} (the format written)")
     if path.is_dir():
         raise RunFolderError(f"{what} {str(path)!r} is a folder; give a file path")
-    if path.exists() and not overwrite:
-        raise RunFolderError(f"{what} {str(path)!r} exists; choose another path or allow overwriting it")
     check_writable_folder(path.parent, f"the folder of {what}")
     if path.exists() and not os.access(path, os.W_OK):
         raise RunFolderError(f"{what} {str(path)!r} exists and is read-only")

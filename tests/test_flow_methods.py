@@ -148,3 +148,5 @@ def test_restoration_takes_any_rule(scheduler):
     assert torch.isfinite(interval.images).all() and not torch.allclose(interval.images, plain.images)
     with pytest.raises(ValueError, match="not both"):
         run(guidance_scale=3.0, guidance_rule=CFG(3.0))
+    with pytest.raises(ValueError, match="needs class_labels .* so does a guidance_rule"):
+        pipe(y, op, num_inference_steps=2, guidance_rule=CFG(3.0))

@@ -300,7 +300,7 @@ class GuidanceHook:
             return 3
         return 2
 
-    def _state(self, bound: dict, timestep, sample: torch.Tensor) -> GuidanceState:
+    def _state(self, timestep, sample: torch.Tensor) -> GuidanceState:
         """The rule's view of this evaluation.  Flow-matching pipelines give their networks rescaled timesteps (Flux:
         t / 1000), so the noise level comes from the scheduler's sigma at its current step there."""
         if self.schedule.kind == "flow":
@@ -341,7 +341,7 @@ class GuidanceHook:
         need, index = None, None
         state = None
         if groups == 2:  # rows can be skipped (the perturbed-attention processors need all three groups)
-            state = self._state(bound, timestep, x[cond_rows])
+            state = self._state(timestep, x[cond_rows])
             need = _as_mask(self.rule.uncond_needed(state), b, x.device)
             if need is not None:
                 index = torch.nonzero(need).flatten()  # one host sync, for rules that can skip only
@@ -365,7 +365,7 @@ class GuidanceHook:
         channels = _guided_channels(prediction, x)
         guided_slice = slice(None) if channels is None else slice(0, channels)
         if state is None:
-            state = self._state(bound, timestep, x[cond_rows][:, guided_slice])
+            state = self._state(timestep, x[cond_rows][:, guided_slice])
         elif channels is not None:
             state = state.replace(sample=x[cond_rows][:, guided_slice])
         if need is not None:
@@ -393,13 +393,13 @@ class GuidanceHook:
             out = inner(*args, **kwargs)
             self.network_calls += 1
             self.network_evaluations += x.shape[0]
-            self._pending = {"key": key, "out": out, "x": x, "timestep": timestep, "bound": bound}
+            self._pending = {"key": key, "out": out}
             return out
         self._pending = None
         cond_out = pending["out"]
         cond = _prediction(cond_out)
         b = x.shape[0]
-        state = self._state(bound, timestep, x)
+        state = self._state(timestep, x)
         need = _as_mask(self.rule.uncond_needed(state), b, x.device)
         index = None if need is None else torch.nonzero(need).flatten()
         if index is None or index.numel() == b:

@@ -88,11 +88,11 @@ class RestorationPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
     # -- pieces -----------------------------------------------------------------------------------------------------
-    def _labels(self, class_labels, batch: int, guidance_scale: float):
+    def _labels(self, class_labels, batch: int, guided: bool):
         conditional = _is_class_conditional(self.unet)
         if class_labels is None:
-            if guidance_scale != 1.0:
-                raise ValueError("guidance_scale != 1 needs class_labels (classifier-free guidance towards a class)")
+            if guided:
+                raise ValueError("guidance_scale != 1 needs class_labels (classifier-free guidance towards a class; so does a guidance_rule)")
             return torch.full((batch,), null_class_id(self.unet), device=self.device) if conditional else None
         if not conditional:
             raise ValueError(f"class_labels given, but {type(self.unet).__name__} is not class-conditional")
@@ -196,7 +196,7 @@ class RestorationPipeline(DiffusionPipeline):
         dtype, device = self.unet.dtype, self.device
         y = measurement.to(device=device, dtype=dtype)
         batch = y.shape[0]
-        labels = self._labels(class_labels, batch, 2.0 if guidance_rule is not None else guidance_scale)
+        labels = self._labels(class_labels, batch, guided=guidance_rule is not None or guidance_scale != 1.0)
         denoiser = denoiser_for(self.unet, process, prediction_type, guidance, cond=labels)
         if latents is None:
             latents = sample_noise((batch, *shape), generator, device, dtype)

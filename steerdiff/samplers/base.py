@@ -52,7 +52,7 @@ from ..core.denoiser import Prediction
 from ..core.grid import FINAL_SIGMAS_TYPES, Grid, check_choice, resolve_grid
 from ..core.prediction import to_eps, to_x0
 from ..core.process import FLOW_KEYS, NOISE_PROCESSES, VP_KEYS, as_config, noise_process_family, noise_process_from_config, prediction_type_from_config
-from ..core.nonfinite import NONFINITE_CHECKS, NonFiniteWatch
+from ..core.nonfinite import NonFiniteWatch
 from ..core.tensors import expand_to
 from ..core.timesteps import TIMESTEP_SPACINGS
 
@@ -124,7 +124,6 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         check_choice("noise_process", noise_process, NOISE_PROCESSES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
-        check_choice("nonfinite_check", nonfinite_check, NONFINITE_CHECKS)
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, Integral) or steps_offset < 0:
             raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset!r}")
         if trained_betas is not None and len(trained_betas) != num_train_timesteps:
@@ -151,8 +150,7 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         self._grid: Grid | None = None
         self._step_index: int | None = None
         self._begin_index: int | None = None
-        self._nonfinite = NonFiniteWatch(nonfinite_check, "model_output")
-
+        self._nonfinite = NonFiniteWatch(nonfinite_check, "model_output")  # checks nonfinite_check
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
         """diffusers' ``from_config``, reading the noise process of ``config`` first: a flow-matching config
