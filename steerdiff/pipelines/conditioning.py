@@ -163,7 +163,7 @@ def denoiser_for(model: nn.Module, process, prediction_type: str, guidance=1.0, 
     from ..core.denoiser import Denoiser
 
     network = ConditionedNetwork(model, uncond)
-    guided = not (isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and guidance == 1.0)
-    network.check_guidance(guided)
+    denoiser = Denoiser(network, process, prediction_type, guidance, cond, check_finite)
+    network.check_guidance(denoiser.guided)
     network.check_conditioning(cond)
-    return Denoiser(network, process, prediction_type, guidance, cond, check_finite)
+    return denoiser
