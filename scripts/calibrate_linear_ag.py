@@ -5,8 +5,10 @@ b_i2 u_{i-1} + b_i3, with the b fitted by least squares on full-CFG runs (:meth:
 coefficients belong to one timestep grid, so they are fitted on the grid the benchmark samples on.  Calibration
 samples use seeds ``--seed`` + i, far from the benchmark's seeds 0..N-1, so that no benchmark noise is fitted.
 
-    python -m scripts.calibrate_linear_ag --model digits --scheduler dpmpp_2m --steps 20 --scales 3 5 9 15
+    python -m scripts.calibrate_linear_ag --model digits --scheduler dpmpp_2m --timestep-spacing trailing --steps 20 --scales 3 5 9 15
     # writes runs/linear_ag/digits_dpmpp_2m_20_w{scale}.safetensors, the files configs/benchmark/guidance.yaml uses
+    python -m scripts.calibrate_linear_ag --model digits-flow --scheduler flow_euler --steps 10 --scales 3 5 9
+    # the same for the rectified-flow model (configs/benchmark/flow_guidance.yaml)
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ def calibration_path(out_dir: Path, model: str, scheduler: str, steps: int, scal
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="digits", help="digits, mixture or a local pipeline folder")
+    p.add_argument("--model", default="digits", help="digits, digits-flow, mixture, mixture-flow or a local pipeline folder")
     p.add_argument("--scheduler", default="dpmpp_2m", help="a steerdiff.samplers.make_scheduler name")
-    p.add_argument("--timestep-spacing", default="trailing")
+    p.add_argument("--timestep-spacing", default=None,
+                   help="VP schedulers' timestep_spacing (the benchmark configs use trailing); flow grids have none")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--scales", type=float, nargs="+", default=[3.0, 5.0, 9.0, 15.0])
     p.add_argument("--runs", type=int, default=4, help="calibration pipeline calls per scale")
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--steps must be >= 1, got {args.steps}")
 
     pipe = load_pipeline(args.model)
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, timestep_spacing=args.timestep_spacing)
+    spacing = {} if args.timestep_spacing is None else {"timestep_spacing": args.timestep_spacing}
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, **spacing)
     pipe.set_progress_bar_config(disable=True)
     n_classes = 10
     for scale in args.scales:

@@ -108,3 +108,21 @@ def test_flow_benchmark_configs_plan(name, tmp_path):
     assert all(p.scheduler.config.get("prediction_type", "flow_prediction") == "flow_prediction" for p in plans)
     heun = {p.cell.nfe for p in plans if type(p.scheduler).__name__ == "FlowMatchHeunDiscreteScheduler" and p.skip_reason}
     assert heun and all(n % 2 == 0 for n in heun)  # Heun reaches odd NFE only (2N - 1 calls)
+
+
+@pytest.mark.parametrize("name", ["flow_guidance", "flow_cfg_zero_star"])
+def test_flow_guidance_configs_build_every_rule(name):
+    """The shipped flow guidance grids validate and every rule builds (LinearAG needs its calibration file)."""
+    from steerdiff.benchmark import BenchmarkConfig
+    from steerdiff.benchmark.guidance import build_guidance
+    from steerdiff.cli.config import load_config
+
+    cfg = load_config(BenchmarkConfig, f"configs/benchmark/{name}.yaml")
+    assert {m.model for m in cfg.models} <= {"digits-flow", "mixture-flow"}
+    names = {g.name for g in cfg.guidance}
+    assert {"cfg", "cfg_zero_star", "apg"} <= names
+    for g in cfg.guidance:
+        if g.name != "linear_ag":
+            build_guidance(g)
+        else:
+            assert "digits-flow_flow_euler_10" in g.kwargs["coefficients"]
