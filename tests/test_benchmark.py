@@ -13,7 +13,7 @@ from steerdiff.benchmark.grid import initial_noise, steps_for_nfe
 from steerdiff.benchmark.probe import NetworkProbe
 from steerdiff.benchmark.storage import RunFolder
 from steerdiff.cli import main
-from steerdiff.cli.config import load_config
+from steerdiff.config import load_config
 from steerdiff.pipelines.loading import load_pipeline
 from steerdiff.samplers.registry import make_scheduler
 
@@ -205,7 +205,7 @@ def test_new_metrics_rescore_stored_samples_without_sampling(tmp_path, tiny_mode
         ("classes=[0, 5]", "has 3 classes (ids 0..2); the config asks for [5]"),
         ("guidance=[{name: apgx, scale: 3}]", "guidance[0] ('apgx'): unknown guidance rule 'apgx'; available: cfg, apg,"),
         ("guidance=[{name: apg, scale: 3, kwargs: {mom: 1}}]", "guidance[0] ('apg'): rule 'apg' has no option(s) ['mom']"),
-        ("guidance=[{scale: -2}]", "guidance.0: Value error, scale must be >= 0, got -2.0"),
+        ("guidance=[{scale: -2}]", "guidance.0: Value error, scale must be a finite number >= 0, got -2"),
         ("nfe=[0]", "nfe.0: Input should be greater than or equal to 1"),
         ("nfe=[3, 3]", "nfe lists a value twice"),
         ("schedulers=[ddim, ddim]", "schedulers: entries ['ddim'] appear twice"),

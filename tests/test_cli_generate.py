@@ -4,8 +4,8 @@ import yaml
 from PIL import Image
 
 from steerdiff.cli import main
-from steerdiff.cli.config import load_config, parse_overrides
-from steerdiff.cli.generate import GenerateConfig
+from steerdiff.config import load_config, parse_overrides
+from steerdiff.generate import GenerateConfig
 
 import pytest
 
@@ -32,13 +32,17 @@ def test_generate_writes_grid_from_local_folder(tmp_path, tiny_model_dir, capsys
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["stepz=3"], "unknown key 'stepz'; allowed keys here: batch_size, classes,"),
-        (["scheduler.kwarg={}"], "unknown key 'scheduler.kwarg'; allowed keys here: kwargs, name"),
+        (["stepz=3"], "unknown key 'stepz'; allowed keys here: attention, batch_size, call_kwargs, classes,"),
+        (["scheduler.kwarg={}"], "unknown key 'scheduler.kwarg'; allowed keys here: kwargs, label, name"),
         (["steps=0"], "steps: Input should be greater than or equal to 1"),
         (["dtype=int8"], "dtype: Input should be 'float32', 'float64', 'float16' or 'bfloat16'"),
         (["scheduler.name=dpm_fast"], "unknown scheduler 'dpm_fast'; available:"),
         (["scheduler.kwargs={etaa: 1}"], r"has no option(s) ['etaa']"),
-        (["classes=[0, 7]"], "class_labels must lie in 0..2"),
+        (["classes=[0, 7]"], "classes: [7] are not classes of model"),
+        (["prompts=[a cat]"], "prompts: model"),
+        (["image=x.png"], "image: model"),
+        (["guidance.kwargs.scale=-1"], "guidance: Value error, scale must be a finite number >= 0, got -1"),
+        (["guidance_scale=3"], "unknown key 'guidance_scale'; allowed keys here: attention,"),
         (["model=/no/such/folder"], "neither a built-in model"),
         (["stepsabc"], "must look like key=value"),
     ],

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from steerdiff.cli import main
-from steerdiff.cli.config import ConfigError
+from steerdiff.config import ConfigError
 from steerdiff.cli.optimize import TASKS, load_task_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "adjoint"

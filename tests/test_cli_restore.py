@@ -11,7 +11,7 @@ from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from steerdiff.cli import main
-from steerdiff.cli.config import ConfigError, load_config
+from steerdiff.config import ConfigError, load_config
 from steerdiff.cli.restore import RestoreConfig
 from steerdiff.metrics.similarity import psnr, ssim
 

@@ -99,7 +99,7 @@ def test_benchmark_cells_on_both_flow_models(tmp_path):
 def test_flow_benchmark_configs_plan(name, tmp_path):
     """The shipped flow grids validate and every scheduler builds in the flow process of both models."""
     from steerdiff.benchmark.runner import prepare
-    from steerdiff.cli.config import load_config
+    from steerdiff.config import load_config
     from steerdiff.benchmark import BenchmarkConfig
 
     cfg = load_config(BenchmarkConfig, f"configs/benchmark/{name}.yaml", [f"output_dir={tmp_path}", "device=cpu"])
@@ -115,7 +115,7 @@ def test_flow_guidance_configs_build_every_rule(name):
     """The shipped flow guidance grids validate and every rule builds (LinearAG needs its calibration file)."""
     from steerdiff.benchmark import BenchmarkConfig
     from steerdiff.benchmark.guidance import build_guidance
-    from steerdiff.cli.config import load_config
+    from steerdiff.config import load_config
 
     cfg = load_config(BenchmarkConfig, f"configs/benchmark/{name}.yaml")
     assert {m.model for m in cfg.models} <= {"digits-flow", "mixture-flow"}

@@ -27,9 +27,9 @@ def _generate(tmp_path, model, *args):
 
 # -- non-finite outputs -----------------------------------------------------------------------------------------------
 def test_generate_with_an_infinite_guidance_scale_stops(tmp_path, tiny_model_dir, capsys):
-    assert _generate(tmp_path, tiny_model_dir, "guidance_scale=.inf") == 2  # refused before sampling
-    assert "guidance_scale" in capsys.readouterr().err
-    assert _generate(tmp_path, tiny_model_dir, "guidance_scale=1e300") == 1  # finite, but the guided output is not
+    assert _generate(tmp_path, tiny_model_dir, "guidance.kwargs.scale=.inf") == 2  # refused before sampling
+    assert "scale must be a finite number >= 0, got inf" in capsys.readouterr().err
+    assert _generate(tmp_path, tiny_model_dir, "guidance.kwargs.scale=1e300") == 1  # finite, but the guided output is not
     err = capsys.readouterr().err
     assert "sampling diverged: the guided model output holds NaN/Inf at step 0 of 3 (timestep" in err
     assert "in 4 of 4 samples" in err
@@ -133,12 +133,12 @@ def test_output_under_a_file_is_refused(tmp_path, tiny_model_dir, capsys):
 
 
 def test_output_paths_are_checked_before_work(tmp_path, tiny_model_dir, capsys, monkeypatch):
-    import steerdiff.cli.generate as generate_module
+    import steerdiff.generate as generate_module
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the output path was checked")
 
-    monkeypatch.setattr(generate_module, "load_pipeline", no_loading)
+    monkeypatch.setattr(generate_module, "load_generation_pipeline", no_loading)
     folder = tmp_path / "a_folder.png"
     folder.mkdir()
     assert main(["generate", f"model={tiny_model_dir}", f"output={folder}"]) == 2
@@ -241,7 +241,7 @@ def test_help_is_fast_plain_and_print_config_shows_the_defaults():
     shown = subprocess.run([sys.executable, "-m", "steerdiff", "generate", "--print-config", "steps=7"], cwd=ROOT, env=ENV,
                            capture_output=True, text=True)
     printed = yaml.safe_load(shown.stdout)
-    assert printed["steps"] == 7 and printed["scheduler"] == {"name": "dpmpp_2m", "kwargs": {}}
+    assert printed["steps"] == 7 and printed["scheduler"] == {"name": "dpmpp_2m", "kwargs": {}, "label": None}
 
 
 def test_written_files_follow_the_umask(tmp_path):

@@ -21,7 +21,8 @@
     metrics: [fd, precision_recall, divergence]   # default for models that do not list their own
     device: auto                           # auto = accelerate's device for this process
 
-A metric, scheduler or guidance entry is ``{name, kwargs}``; a metric may be given as its bare name.
+A metric, scheduler or guidance entry is a :class:`steerdiff.config.Spec`, ``{name, kwargs, label}``; a bare name is
+accepted, and a guidance entry's weight may sit beside its name (``{name: apg, scale: 9}``).
 """
 
 from __future__ import annotations
@@ -29,74 +30,20 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from ..cli.config import StrictModel
+from ..config import Spec, StrictModel
 from ..pipelines.loading import BUILTIN_MODELS
 
-def _compact(kwargs: dict[str, Any]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(kwargs.items()))
-
-
-class NamedSpec(StrictModel):
-    """``{name, kwargs}``; a bare name is accepted for an entry without options."""
-
-    name: str
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _accept_bare_name(cls, data: Any) -> Any:
-        return {"name": data} if isinstance(data, str) else data
-
-
-class MetricSpec(NamedSpec):
-    pass
-
-
-class SchedulerSpec(NamedSpec):
-    label: str | None = None
-
-    @property
-    def display(self) -> str:
-        return self.label or (f"{self.name}({_compact(self.kwargs)})" if self.kwargs else self.name)
-
-
-class GuidanceSpec(StrictModel):
-    """``{name: cfg, scale: w}`` is the pipeline's own CFG; any other rule of ``steerdiff.guidance`` is
-    ``{name, scale, kwargs}`` with its ``get_rule`` options (``scale`` may be a weight-schedule mapping)."""
-
-    name: str = "cfg"
-    scale: float | dict[str, Any] | None = None
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = None
-
-    @model_validator(mode="after")
-    def _cfg_default_scale(self) -> "GuidanceSpec":
-        if self.name == "cfg" and self.scale is None:
-            self.scale = 1.0
-        if isinstance(self.scale, float) and not self.scale >= 0:
-            raise ValueError(f"scale must be >= 0, got {self.scale}")
-        return self
-
-    @property
-    def display(self) -> str:
-        if self.label:
-            return self.label
-        if isinstance(self.scale, dict):
-            sched = dict(self.scale)
-            scale = f" {sched.pop('schedule', '?')}({_compact(sched)})"
-        else:
-            scale = "" if self.scale is None else f" {self.scale:g}"
-        extra = f" ({_compact(self.kwargs)})" if self.kwargs else ""
-        return f"{self.name}{scale}{extra}"
+# One spec type for every named entry (steerdiff.config.Spec); the names say which list an entry belongs to.
+MetricSpec = SchedulerSpec = GuidanceSpec = Spec
 
 
 class ModelSpec(StrictModel):
     model: str
     label: str | None = None
     dtype: Literal["float32", "float64", "float16", "bfloat16"] = "float32"
-    metrics: list[MetricSpec] | None = None
+    metrics: list[Spec] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -121,15 +68,15 @@ class BenchmarkConfig(StrictModel):
     name: str = "benchmark"
     output_dir: str = "runs/benchmark"
     models: list[ModelSpec] = Field(min_length=1)
-    schedulers: list[SchedulerSpec] = Field(min_length=1)
-    guidance: list[GuidanceSpec] = Field(default_factory=lambda: [GuidanceSpec()], min_length=1)
+    schedulers: list[Spec] = Field(min_length=1)
+    guidance: list[Spec] = Field(default_factory=lambda: [Spec(name="cfg", scale=1.0)], min_length=1)
     nfe: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
     seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
     num_samples: int = Field(1000, ge=1)
     classes: Annotated[int, Field(ge=1)] | list[Annotated[int, Field(ge=0)]] | None = None
     batch_size: int = Field(250, ge=1)
-    metrics: list[MetricSpec] = Field(
-        default_factory=lambda: [MetricSpec(name="fd"), MetricSpec(name="precision_recall"), MetricSpec(name="divergence")]
+    metrics: list[Spec] = Field(
+        default_factory=lambda: [Spec(name="fd"), Spec(name="precision_recall"), Spec(name="divergence")]
     )
     device: str = "auto"
     cache_dir: str | None = None       # reference statistics; None = $STEERDIFF_CACHE or ~/.cache/steerdiff
@@ -137,6 +84,11 @@ class BenchmarkConfig(StrictModel):
     progress: bool = True
     overwrite: bool = False            # a run folder of another config: refused; true = run this one there
     report: ReportSpec = Field(default_factory=ReportSpec)
+
+    @field_validator("guidance", mode="before")
+    @classmethod
+    def _guidance_names(cls, value: Any) -> Any:  # {scale: 5} is the pipeline's CFG at 5
+        return [Spec.with_default_name(v, "cfg") for v in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _unique_labels(self) -> "BenchmarkConfig":
@@ -152,5 +104,5 @@ class BenchmarkConfig(StrictModel):
             raise ValueError("classes must not be an empty list (use null for every class)")
         return self
 
-    def metrics_for(self, model: ModelSpec) -> list[MetricSpec]:
+    def metrics_for(self, model: ModelSpec) -> list[Spec]:
         return model.metrics if model.metrics is not None else self.metrics

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .config import GuidanceSpec
+from ..config import Spec
 
 
 @dataclass
@@ -86,15 +86,17 @@ class RuleGuidance:
         return _boundary(denoiser, labels, schedule, prediction_type, copy.deepcopy(self.rule))
 
 
-def build_guidance(spec: GuidanceSpec) -> ClassifierFreeGuidance | RuleGuidance:
-    """The guidance a cell samples with; errors name the rule and its allowed options."""
+def build_guidance(spec: Spec) -> ClassifierFreeGuidance | RuleGuidance:
+    """The guidance a cell samples with; errors name the rule and its allowed options.  ``cfg`` with a number (or
+    no scale: 1) and no other kwargs is the pipeline's own CFG; anything else is a rule built by ``get_rule``."""
+    kwargs = dict(spec.kwargs)
     if spec.name == "cfg" and not isinstance(spec.scale, dict):
-        if spec.kwargs:
-            raise ValueError(f"guidance 'cfg' with a numeric scale is the pipeline's own CFG and takes no kwargs; got {sorted(spec.kwargs)}")
-        return ClassifierFreeGuidance(1.0 if spec.scale is None else spec.scale)
+        scale = kwargs.pop("scale", 1.0)
+        if kwargs:
+            raise ValueError(f"guidance 'cfg' with a numeric scale is the pipeline's own CFG and takes no other kwargs; got {sorted(kwargs)}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
+            raise ValueError(f"guidance 'cfg': scale must be a finite number >= 0 or a weight-schedule mapping, got {scale!r}")
+        return ClassifierFreeGuidance(scale)
     from ..guidance import get_rule
 
-    kwargs = dict(spec.kwargs)
-    if spec.scale is not None:
-        kwargs["scale"] = spec.scale
     return RuleGuidance(get_rule(spec.name, **kwargs))

@@ -18,13 +18,12 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..cli.config import ConfigError
-from ..cli.generate import DTYPES
+from ..config import ConfigError, torch_dtype
+
 from ..core.process import NoiseProcess, noise_process_from_config, prediction_type_from_config
 from ..metrics.base import Metric, SampleSet
 from ..metrics.registry import make_metric
@@ -81,7 +80,7 @@ def resolve_device(name: str, shard: Shard) -> torch.device:
 def _prepare_model(cfg: BenchmarkConfig, i: int, spec: ModelSpec, device: torch.device) -> ModelPlan:
     where = f"models[{i}] ({spec.model!r})"
     try:
-        pipe = load_pipeline(spec.model, device=device, dtype=DTYPES[spec.dtype])
+        pipe = load_pipeline(spec.model, device=device, dtype=torch_dtype(spec.dtype))
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"{where}: {err}") from None
     shape = sample_shape(pipe.unet)
@@ -102,7 +101,7 @@ def _prepare_model(cfg: BenchmarkConfig, i: int, spec: ModelSpec, device: torch.
         process, prediction_type = noise_process_from_config(pipe.scheduler), prediction_type_from_config(pipe.scheduler)
     except ValueError as err:
         raise ConfigError(f"{where}: scheduler config: {err}") from None
-    return ModelPlan(spec, pipe, shape, classes, metrics, process, prediction_type, DTYPES[spec.dtype])
+    return ModelPlan(spec, pipe, shape, classes, metrics, process, prediction_type, torch_dtype(spec.dtype))
 
 
 def prepare(cfg: BenchmarkConfig, device: torch.device) -> list[CellPlan]:

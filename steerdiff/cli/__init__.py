@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
+    from ..config import ConfigError
 
     command = importlib.import_module(f".{args.command}", __package__)
     try:

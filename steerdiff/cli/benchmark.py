@@ -12,7 +12,7 @@ Exit status: 0 when every cell finished (ok, diverged or skipped), 1 when a cell
 
 from __future__ import annotations
 
-from .config import load_config
+from ..config import load_config
 
 
 def config_from_args(args):

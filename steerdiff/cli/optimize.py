@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -27,11 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..pipelines import adjoint_tasks
 from ..pipelines.adjoint import MODES
 from ..pipelines.loading import load_pipeline
-from .config import StrictModel, load_config
+from ..config import StrictModel, load_config
 from ..devices import check_device
 from ..pipelines.conditioning import conditioning_kind
 from ..run_folder import check_writable_folder
-from .generate import DTYPES, image_grid
+from ..atomic_io import atomic_write
+from ..config import torch_dtype
+from ..generate import image_grid
 
 TASKS = ("noise", "embedding", "finetune")
 
@@ -105,18 +105,6 @@ def load_task_config(path=None, overrides=None) -> _Common:
     return load_config(TASK_CONFIGS[which.task], path, overrides)
 
 
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _grid_png(images: torch.Tensor, rows: int, upscale: int):
     pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
     return image_grid(np.asarray(pixels), rows=rows, upscale=upscale)
@@ -130,7 +118,7 @@ def run(cfg: _Common) -> tuple[Path, dict]:
     if cfg.task == "finetune" and importlib.util.find_spec("peft") is None:
         raise ValueError("task finetune trains LoRA adapters and needs the peft package: pip install 'steerdiff[lora]'")
     torch.set_num_threads(cfg.threads)
-    pipe = load_pipeline(cfg.model, device=cfg.device, dtype=DTYPES[cfg.dtype])
+    pipe = load_pipeline(cfg.model, device=cfg.device, dtype=torch_dtype(cfg.dtype))
     if cfg.task in ("embedding", "finetune") and conditioning_kind(pipe.unet) != "class_embedding":
         raise ValueError(
             f"task {cfg.task} optimises a class-conditional UNet2DModel (its class embedding or LoRA weights); "
@@ -165,10 +153,10 @@ def run(cfg: _Common) -> tuple[Path, dict]:
     out = Path(cfg.output)
     for name, images in result.images.items():
         grid = _grid_png(images, rows if images.shape[0] % rows == 0 else 1, cfg.upscale)
-        _write_atomic(out / f"{name}.png", lambda tmp, g=grid: g.save(tmp, format="PNG"))
+        atomic_write(out / f"{name}.png", lambda tmp, g=grid: g.save(tmp, format="PNG"))
     report = {"task": cfg.task, "metrics": result.metrics, "seconds": seconds, "config": cfg.model_dump(),
               "history": result.history}
-    _write_atomic(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
     return out, report
 
 

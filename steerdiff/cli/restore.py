@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -50,12 +48,12 @@ from ..pipelines.class_conditional import sample_shape
 from ..pipelines.loading import load_pipeline
 from ..pipelines.restoration import RestorationPipeline
 from ..samplers.registry import make_scheduler
-from .config import StrictModel, load_config
-from .generate import image_grid
+from ..atomic_io import atomic_write
+from ..config import Spec, StrictModel, load_config, torch_dtype
+from ..generate import image_grid
 
 OPERATOR_NAMES = ("box", "random", "extreme", "super_resolution", "blur", "denoising", "colorization")
 METRICS = ("psnr", "ssim", "fd", "accuracy")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
@@ -94,9 +92,10 @@ class TaskSpec(StrictModel):
     methods: list[MethodSpec] | None = None  # overrides the run's methods for this task
 
 
-class SamplerSpec(StrictModel):
+class SamplerSpec(Spec):
+    """The shared ``{name, kwargs}`` spec with the number of steps."""
+
     name: str = "ancestral"  # the papers' ancestral DDPM sampler, or any scheduler name / alias (ddim, ...)
-    kwargs: dict[str, Any] = Field(default_factory=dict)
     steps: int = Field(100, ge=1)
 
 
@@ -144,18 +143,6 @@ class RestoreConfig(StrictModel):
 
 
 # -- files ---------------------------------------------------------------------------------------------------------
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
@@ -334,7 +321,7 @@ def run(cfg: RestoreConfig) -> list[dict[str, Any]]:
     check_device(cfg.device)
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
-    base = load_pipeline(cfg.model, device=cfg.device, dtype=DTYPES[cfg.dtype])
+    base = load_pipeline(cfg.model, device=cfg.device, dtype=torch_dtype(cfg.dtype))
     scheduler = base.scheduler
     if cfg.sampler.name != "ancestral":
         scheduler = make_scheduler(cfg.sampler.name, scheduler.config, **cfg.sampler.kwargs)

@@ -266,16 +266,13 @@ class LinearAG(GuidanceRule):
 
     def save(self, path: str | Path) -> Path:
         """Write the calibration (coefficients, timesteps, skip flags) as a safetensors file."""
-        from safetensors.torch import save_file
+        from ..atomic_io import atomic_save_safetensors
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {"coefficients": self.coefficients.contiguous(), "timesteps": self.timesteps.contiguous(), "skip": self.skip.to(torch.uint8)},
-            str(path),
+        return atomic_save_safetensors(
+            path,
+            {"coefficients": self.coefficients, "timesteps": self.timesteps, "skip": self.skip.to(torch.uint8)},
             metadata={"format": LINEAR_AG_FORMAT, "version": "1", "features": ",".join(LINEAR_AG_FEATURES), "space": "epsilon", "rule": repr(self.rule)},
         )
-        return path
 
     @classmethod
     def load(cls, path: str | Path, rule: GuidanceRule) -> "LinearAG":
@@ -287,7 +284,7 @@ class LinearAG(GuidanceRule):
             raise FileNotFoundError(
                 f"LinearAG coefficients file {str(path)!r} does not exist; create it by calibrating on the model, "
                 "scheduler and number of steps you sample with, e.g. python -m scripts.calibrate_linear_ag --model "
-                "digits --scheduler dpmpp_2m --steps 20 --scales 3 5 9 15 (LinearAG.calibrate(...).save(path) in Python)"
+                "digits --scheduler dpmpp_2m --timestep-spacing trailing --steps 20 --scales 3 5 9 15 (LinearAG.calibrate(...).save(path) in Python)"
             )
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
