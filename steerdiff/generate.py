@@ -123,7 +123,8 @@ def check_steps(scheduler, steps: int) -> None:
     except (ValueError, IndexError) as err:
         raise ValueError(f"steps={steps}: {type(scheduler).__name__} cannot lay out that many steps ({err})") from None
     timesteps = scheduler.timesteps
-    if len(torch.unique(timesteps)) != len(timesteps):
+    deliberate = 1 if scheduler.config.get("skip_prk_steps") else 0  # PLMS repeats one timestep by design
+    if len(timesteps) - len(torch.unique(timesteps)) > deliberate:
         limit = scheduler.config.get("num_train_timesteps")
         raise ValueError(
             f"steps={steps}: {type(scheduler).__name__} repeats timesteps at this many steps"
@@ -256,7 +257,8 @@ def check_conditioning(cfg: GenerateConfig, kind: PipelineKind) -> None:
     for key in ("image", "mask_image", "strength", "height", "width"):
         if getattr(cfg, key) is not None and not kind.takes(key):
             allowed = [k for k in ("image", "mask_image", "strength", "height", "width") if kind.takes(k)]
-            raise ConfigError(f"{key}: {what}) takes no {key}; its image inputs: {allowed or 'none'}")
+            raise ConfigError(f"{key}: {what}) takes no {key}; of image, mask_image, strength, height and width it takes "
+                              f"{', '.join(allowed) or 'none'}")
     if kind.takes("image") and cfg.image is None and kind.kind != "class":
         raise ConfigError(f"image: {what}) transforms an input image; give its path")
     if kind.takes("mask_image") and cfg.mask_image is None:
@@ -408,7 +410,10 @@ def load_generation_pipeline(cfg: GenerateConfig, cls: type, folder: Path | None
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         if (sub / "config.json").is_file():  # a model component: safetensors only, complete, before diffusers reads it
             check_safetensors_folder(sub)
-    pipe = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, torch_dtype=dtype)
+    # components saved as None (SD3 without its T5 encoder) are passed as None: diffusers would ask for them
+    absent = {k: None for k, v in json.loads((folder / "model_index.json").read_text()).items()
+              if not k.startswith("_") and isinstance(v, list) and v[:1] == [None]}
+    pipe = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype, **absent)
     pipe.to(cfg.device)
     return pipe
 
@@ -424,15 +429,13 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
     kind = pipeline_kind(cls)
     check_conditioning(cfg, kind)
     guidance = plan_guidance(cfg.guidance, kind)
-    if kind.kind == "text":
-        load_prompts(cfg.prompts)  # file errors before the weights are read
+    if kind.kind != "class":  # prompt files and negatives checked before the weights are read
+        items, rows = plan_items(cfg, kind, None)
     pipe = load_generation_pipeline(cfg, cls, model_folder)
-    num_classes = None
-    if kind.kind == "class":
+    if kind.kind == "class":  # the model says how many classes it has
         from .pipelines.class_conditional import null_class_id
 
-        num_classes = null_class_id(pipe.unet)
-    items, rows = plan_items(cfg, kind, num_classes)
+        items, rows = plan_items(cfg, kind, null_class_id(pipe.unet))
     if cfg.scheduler is not None:
         try:
             pipe.scheduler = make_scheduler(cfg.scheduler.name, pipe.scheduler.config, **cfg.scheduler.kwargs)

@@ -9,6 +9,7 @@ step is the sampler's step, not the network call (a pipeline calling its network
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -52,14 +53,15 @@ def watch_nonfinite(pipe, mode: str = "auto", what: str = "the denoiser output")
     original = getattr(scheduler, "set_timesteps", None)
     patched_before = scheduler is not None and "set_timesteps" in vars(scheduler)  # e.g. by guide()
 
-    def set_timesteps(*args, **kwargs):  # a new sampling run: steps count from 0 again
+    def set_timesteps(*args, **kwargs):  # a new sampling run: steps count from 0 again (wraps keeps the signature
+        # that pipelines inspect: retrieve_timesteps asks whether set_timesteps takes sigmas=)
         watch.finish()
         watch.reset()
         state.update(step=-1, last_t=None)
         return original(*args, **kwargs)
 
     if original is not None:
-        scheduler.set_timesteps = set_timesteps
+        scheduler.set_timesteps = functools.wraps(original)(set_timesteps)
     try:
         yield watch
         watch.finish()
