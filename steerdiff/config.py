@@ -83,7 +83,7 @@ class Spec(StrictModel):
             kwargs = dict(data.get("kwargs") or {})
             if "scale" in kwargs:
                 raise ValueError("scale is given twice, beside the name and in kwargs; give it once")
-            kwargs["scale"] = scale
+            kwargs["scale"] = float(scale) if isinstance(scale, int) and not isinstance(scale, bool) else scale
             data["kwargs"] = kwargs
         return data
 

@@ -174,6 +174,24 @@ def load_prompts(value: list[str] | str, what: str = "prompts") -> list[dict[str
     return out
 
 
+def resolve_prompts(prompts: list[str] | str, negative_prompts: list[str] | str | None = None) -> list[dict[str, str | None]]:
+    """``[{"prompt", "negative_prompt"}]``: the prompts (a list or a file) with ``negative_prompts`` (one string for
+    all, or a list / file with one per prompt) filled in where a ``.jsonl`` line gave none."""
+    out = load_prompts(prompts, "prompts")
+    if negative_prompts is None:
+        return out
+    if isinstance(negative_prompts, str) and Path(negative_prompts).suffix not in PROMPT_SUFFIXES:
+        negative_prompts = [negative_prompts]
+    negatives = [n["prompt"] for n in load_prompts(negative_prompts, "negative_prompts")]
+    if len(negatives) == 1:
+        negatives = negatives * len(out)
+    if len(negatives) != len(out):
+        raise ConfigError(f"negative_prompts: give one, or one per prompt ({len(out)}); got {len(negatives)}")
+    for p, n in zip(out, negatives):
+        p["negative_prompt"] = p["negative_prompt"] or n
+    return out
+
+
 @dataclass
 class PipelineKind:
     """What a pipeline class takes, read from its ``__call__`` signature before any weights are loaded."""
@@ -303,17 +321,7 @@ def plan_items(cfg: GenerateConfig, kind: PipelineKind, num_classes: int | None)
         labels = [c for c in classes for _ in range(cfg.samples_per_class)]
         return [Item(i, label=c) for i, c in enumerate(labels)], len(classes)
     if kind.kind == "text":
-        prompts = load_prompts(cfg.prompts, "prompts")
-        negatives = cfg.negative_prompts
-        if negatives is not None:
-            negatives = [n["prompt"] for n in load_prompts([negatives] if isinstance(negatives, str) and Path(negatives).suffix
-                                                            not in PROMPT_SUFFIXES else negatives, "negative_prompts")]
-            if len(negatives) == 1:
-                negatives = negatives * len(prompts)
-            if len(negatives) != len(prompts):
-                raise ConfigError(f"negative_prompts: give one, or one per prompt ({len(prompts)}); got {len(negatives)}")
-            for p, n in zip(prompts, negatives):
-                p["negative_prompt"] = p["negative_prompt"] or n
+        prompts = resolve_prompts(cfg.prompts, cfg.negative_prompts)
         items = [Item(0, prompt=p["prompt"], negative_prompt=p["negative_prompt"]) for p in prompts for _ in range(cfg.images_per_prompt)]
         for i, item in enumerate(items):
             item.index = i
@@ -399,12 +407,18 @@ def images_folder(output: Path) -> Path:
 
 
 def load_generation_pipeline(cfg: GenerateConfig, cls: type, folder: Path | None):
+    return load_any_pipeline(cfg.model, cls, folder, cfg.device, torch_dtype(cfg.dtype))
+
+
+def load_any_pipeline(model: str, cls: type, folder: Path | None, device, dtype: torch.dtype):
+    """A built-in or local class-conditional model (:func:`steerdiff.pipelines.loading.load_pipeline`), or any local
+    diffusers pipeline folder: ``cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)`` after every
+    component's weights are checked to be complete safetensors files."""
     from .pipelines.class_conditional import ClassConditionalPipeline
     from .pipelines.loading import load_pipeline
 
-    dtype = torch_dtype(cfg.dtype)
     if issubclass(cls, ClassConditionalPipeline):
-        return load_pipeline(cfg.model, device=cfg.device, dtype=dtype)
+        return load_pipeline(model, device=device, dtype=dtype)
     from .weights import check_safetensors_folder
 
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -414,7 +428,8 @@ def load_generation_pipeline(cfg: GenerateConfig, cls: type, folder: Path | None
     absent = {k: None for k, v in json.loads((folder / "model_index.json").read_text()).items()
               if not k.startswith("_") and isinstance(v, list) and v[:1] == [None]}
     pipe = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype, **absent)
-    pipe.to(cfg.device)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 

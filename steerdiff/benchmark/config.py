@@ -5,6 +5,10 @@
     models:                                # built-in "digits" / "mixture" or a local diffusers folder
       - {model: digits}
       - {model: mixture, metrics: [fd, divergence, l2_to_reference, log_likelihood]}
+      - model: /models/sd15                # a text-to-image pipeline folder with its prompt set
+        prompts: prompts/coco_1k.txt
+        metrics: [{name: fid, kwargs: {weights: inception.safetensors, reference: coco_val_512/}},
+                  {name: clip_score, kwargs: {model: /models/clip-vit-b32}}, saturation]
     schedulers:                            # any make_scheduler name (alias, diffusers or steerdiff class)
       - {name: ddim}
       - {name: dpmpp_2m, kwargs: {lower_order_final: true}, label: dpm++2m}
@@ -40,10 +44,19 @@ MetricSpec = SchedulerSpec = GuidanceSpec = Spec
 
 
 class ModelSpec(StrictModel):
+    """A model of the grid: a built-in name or a local folder; a text-to-image pipeline folder takes ``prompts`` (a
+    list, or a ``.txt`` / ``.jsonl`` file; sample i uses prompt i mod len(prompts)) and optionally
+    ``negative_prompts``, ``height``, ``width`` and other ``call_kwargs`` of the pipeline call."""
+
     model: str
     label: str | None = None
     dtype: Literal["float32", "float64", "float16", "bfloat16"] = "float32"
     metrics: list[Spec] | None = None
+    prompts: list[str] | str | None = None
+    negative_prompts: list[str] | str | None = None
+    height: int | None = Field(None, ge=8)
+    width: int | None = Field(None, ge=8)
+    call_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod

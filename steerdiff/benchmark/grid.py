@@ -62,10 +62,11 @@ def initial_noise(seed: int, start: int, stop: int, shape: tuple[int, ...], gene
 def steps_for_nfe(scheduler, nfe: int) -> int | None:
     """The ``num_inference_steps`` whose timestep grid has exactly ``nfe`` entries (one network call each in the
     sampling loop), found by trying them; None when no step count gives ``nfe`` (e.g. Heun's 2N - 1)."""
+    extra = {"mu": 1.0} if scheduler.config.get("use_dynamic_shifting") else {}  # mu shifts, never adds, steps
     for steps in range(1, 2 * nfe + 2):
         trial = copy.deepcopy(scheduler)
         try:
-            trial.set_timesteps(steps, device="cpu")
+            trial.set_timesteps(steps, device="cpu", **extra)
         except (ValueError, IndexError, RuntimeError):
             continue
         if len(trial.timesteps) == nfe:
@@ -86,14 +87,20 @@ class Cell:
     metrics: tuple[MetricSpec, ...] = field(default=())
     model_fingerprint: str = ""
     metric_fingerprints: tuple[str, ...] = field(default=())
+    conditioning: str = ""  # text-to-image models: a hash of the prompts, negatives, size and call arguments
+
+    def _guidance(self) -> dict:
+        kwargs = {k: v for k, v in self.guidance.kwargs.items() if k != "scale"}
+        return {"name": self.guidance.name, "scale": self.guidance.scale, "kwargs": kwargs}
 
     def _sampling(self) -> dict:
         return {
             "model": {"model": self.model.model, "dtype": self.model.dtype, "weights": self.model_fingerprint},
-            "guidance": {"name": self.guidance.name, "scale": self.guidance.scale, "kwargs": self.guidance.kwargs},
+            "guidance": self._guidance(),
             "seed": self.seed,
             "num_samples": self.num_samples,
             "classes": list(self.classes),
+            **({"conditioning": self.conditioning} if self.conditioning else {}),
         }
 
     @property
@@ -127,7 +134,7 @@ class Cell:
             "scheduler": self.scheduler.display,
             "scheduler_spec": {"name": self.scheduler.name, "kwargs": self.scheduler.kwargs},
             "guidance": self.guidance.display,
-            "guidance_spec": self.guidance.model_dump(exclude={"label"}),
+            "guidance_spec": self._guidance(),
             "nfe": self.nfe,
             "seed": self.seed,
             "num_samples": self.num_samples,
@@ -147,12 +154,14 @@ def model_fingerprint(module: torch.nn.Module) -> str:
 
 
 def expand_grid(cfg: BenchmarkConfig, classes_per_model: list[list[int]], model_fingerprints: list[str],
-                metric_fingerprints: list[tuple[str, ...]]) -> list[Cell]:
+                metric_fingerprints: list[tuple[str, ...]], conditioning: list[str] | None = None) -> list[Cell]:
     """Every cell, in the order model, guidance, scheduler, seed, NFE."""
+    conditioning = conditioning or [""] * len(cfg.models)
     return [
         Cell(model, sched, guid, nfe, seed, cfg.num_samples, tuple(classes), cfg.batch_size, tuple(cfg.metrics_for(model)),
-             weights, metric_keys)
-        for model, classes, weights, metric_keys in zip(cfg.models, classes_per_model, model_fingerprints, metric_fingerprints)
+             weights, metric_keys, cond)
+        for model, classes, weights, metric_keys, cond in zip(cfg.models, classes_per_model, model_fingerprints,
+                                                              metric_fingerprints, conditioning)
         for guid in cfg.guidance
         for sched in cfg.schedulers
         for seed in cfg.seeds

@@ -33,7 +33,7 @@ class NetworkProbe:
         self._handle = None
 
     def _hook(self, module, args, kwargs, output) -> None:
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))  # UNets / transformers
         out = _first_tensor(output)
         self.calls += 1
         self.rows += sample.shape[0]

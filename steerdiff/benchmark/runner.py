@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import torch
@@ -35,7 +35,7 @@ from ..samplers.registry import make_scheduler
 from .config import BenchmarkConfig, ModelSpec
 from .environment import machine_info, package_versions
 from .grid import (Cell, expand_grid, initial_noise, model_fingerprint, resolve_classes, sample_generators, sample_labels,
-                   steps_for_nfe)
+                   stable_hash, steps_for_nfe)
 from .guidance import build_guidance
 from .probe import NetworkProbe
 from .report import write_report, write_results
@@ -45,6 +45,9 @@ from .storage import FINISHED, Chunk, RunFolder
 
 @dataclass
 class ModelPlan:
+    """A loaded model of the grid.  Class-conditional models: sample i has class ``classes[i mod len]``.
+    Text-to-image pipelines (``kind`` "text"): ``classes`` index ``prompts`` and ``shape`` is the decoded image's."""
+
     spec: ModelSpec
     pipe: object
     shape: tuple[int, ...]
@@ -53,6 +56,22 @@ class ModelPlan:
     schedule: NoiseProcess
     prediction_type: str
     dtype: torch.dtype
+    kind: object = None  # steerdiff.generate.PipelineKind
+    prompts: list[dict] | None = None
+    call_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def is_text(self) -> bool:
+        return self.prompts is not None
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, "unet", None) or self.pipe.transformer
+
+    def conditioning_key(self) -> str:
+        if not self.is_text:
+            return ""
+        return stable_hash({"prompts": self.prompts, "call": self.call_kwargs})
 
 
 @dataclass
@@ -78,7 +97,25 @@ def resolve_device(name: str, shard: Shard) -> torch.device:
 
 
 def _prepare_model(cfg: BenchmarkConfig, i: int, spec: ModelSpec, device: torch.device) -> ModelPlan:
+    from ..generate import pipeline_kind, resolve_pipeline_class
+
     where = f"models[{i}] ({spec.model!r})"
+    try:
+        cls, folder = resolve_pipeline_class(spec.model)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    kind = pipeline_kind(cls)
+    if kind.kind == "text":
+        return _prepare_text_model(cfg, where, spec, kind, folder, device)
+    if kind.kind != "class":
+        raise ConfigError(f"{where}: {kind.name} is unconditional; the benchmark grids class-conditional models and "
+                          "text-to-image pipelines")
+    for key in ("prompts", "negative_prompts", "height", "width"):
+        if getattr(spec, key) is not None:
+            raise ConfigError(f"{where}: {key}: the model is class-conditional ({kind.name}); prompts and sizes are for "
+                              "text-to-image pipeline folders")
+    if spec.call_kwargs:
+        raise ConfigError(f"{where}: call_kwargs: only text-to-image pipeline folders take them")
     try:
         pipe = load_pipeline(spec.model, device=device, dtype=torch_dtype(spec.dtype))
     except (ValueError, FileNotFoundError) as err:
@@ -88,20 +125,81 @@ def _prepare_model(cfg: BenchmarkConfig, i: int, spec: ModelSpec, device: torch.
         classes = resolve_classes(cfg.classes, null_class_id(pipe.unet), where)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    metrics = _metrics(cfg, where, spec, shape, pipe.unet)
+    process, prediction_type = _process(where, pipe)
+    return ModelPlan(spec, pipe, shape, classes, metrics, process, prediction_type, torch_dtype(spec.dtype), kind)
+
+
+def _metrics(cfg: BenchmarkConfig, where: str, spec: ModelSpec, shape, denoiser) -> list[Metric]:
     metrics = []
     for j, mspec in enumerate(cfg.metrics_for(spec)):
         where_m = f"{where} metrics[{j}] ({mspec.name!r})" if spec.metrics is not None else f"metrics[{j}] ({mspec.name!r}) for {where}"
         try:
             metric = make_metric(mspec.name, **mspec.kwargs)
-            metric.check(shape, pipe.unet)
+            metric.check(shape, denoiser)
         except (ValueError, TypeError, FileNotFoundError) as err:
             raise ConfigError(f"{where_m}: {err}") from None
         metrics.append(metric)
+    return metrics
+
+
+def _process(where: str, pipe) -> tuple[NoiseProcess, str]:
     try:  # a scheduler config steerdiff cannot read (neither VP nor flow, contradicting keys) stops the plan
-        process, prediction_type = noise_process_from_config(pipe.scheduler), prediction_type_from_config(pipe.scheduler)
+        return noise_process_from_config(pipe.scheduler), prediction_type_from_config(pipe.scheduler)
     except ValueError as err:
         raise ConfigError(f"{where}: scheduler config: {err}") from None
-    return ModelPlan(spec, pipe, shape, classes, metrics, process, prediction_type, torch_dtype(spec.dtype))
+
+
+def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    """The size of a text-to-image pipeline's images: the config's, else the pipeline's default (what its call uses
+    when given none: the denoiser's sample size times the VAE's scale factor)."""
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    default = getattr(pipe, "default_sample_size", None)
+    if default is None and getattr(pipe, "unet", None) is not None:
+        size = pipe.unet.config.sample_size
+        default = size if isinstance(size, int) else size[0]
+    side = int(default) * scale if default is not None else None
+    h, w = height or side, width or side
+    if h is None or w is None:
+        raise ConfigError(f"{type(pipe).__name__} has no default image size; give height and width")
+    return h, w
+
+
+def _prepare_text_model(cfg: BenchmarkConfig, where: str, spec: ModelSpec, kind, folder, device) -> ModelPlan:
+    from ..generate import load_any_pipeline, resolve_prompts
+
+    if spec.prompts is None:
+        raise ConfigError(f"{where}: prompts: {kind.name} is a text-to-image pipeline; give prompts (a list, or a "
+                          ".txt / .jsonl file)")
+    if cfg.classes is not None:
+        raise ConfigError(f"classes: {where} is a text-to-image pipeline ({kind.name}); classes apply to "
+                          "class-conditional models (leave classes null)")
+    if kind.takes("image"):
+        raise ConfigError(f"{where}: {kind.name} transforms input images; the benchmark grids text-to-image pipelines")
+    for key in ("height", "width"):
+        if getattr(spec, key) is not None and not kind.takes(key):
+            raise ConfigError(f"{where}: {key}: {kind.name} takes no {key}")
+    reserved = {"prompt", "negative_prompt", "generator", "num_inference_steps", "output_type", "latents",
+                "guidance_scale", "true_cfg_scale", "height", "width"}
+    bad = sorted(k for k in spec.call_kwargs if k not in kind.params or k in reserved)
+    if bad:
+        raise ConfigError(f"{where}: call_kwargs: {bad} are not arguments of {kind.name} the config may set "
+                          f"(prompts, sizes, steps, guidance and seeds have their own fields)")
+    try:
+        prompts = resolve_prompts(spec.prompts, spec.negative_prompts)
+        pipe = load_any_pipeline(spec.model, kind.cls, folder, device, torch_dtype(spec.dtype))
+    except (ConfigError, ValueError, FileNotFoundError, OSError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+    h, w = image_size(pipe, spec.height, spec.width)
+    call = dict(spec.call_kwargs)
+    if kind.takes("height"):
+        call.update(height=h, width=w)
+    shape = (3, h, w)
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    metrics = _metrics(cfg, where, spec, shape, denoiser)
+    process, prediction_type = _process(where, pipe)
+    return ModelPlan(spec, pipe, shape, list(range(len(prompts))), metrics, process, prediction_type,
+                     torch_dtype(spec.dtype), kind, prompts, call)
 
 
 def prepare(cfg: BenchmarkConfig, device: torch.device) -> list[CellPlan]:
@@ -123,10 +221,19 @@ def prepare(cfg: BenchmarkConfig, device: torch.device) -> list[CellPlan]:
             guidance[gspec.display] = build_guidance(gspec)
         except ValueError as err:
             raise ConfigError(f"guidance[{j}] ({gspec.name!r}): {err}") from None
+        for m in models:
+            if m.is_text:  # how the pipeline is called for this guidance; a rule guide() cannot hook stops here
+                from ..generate import plan_guidance
+
+                try:
+                    plan_guidance(gspec, m.kind)
+                except ConfigError as err:
+                    raise ConfigError(f"guidance[{j}] ({gspec.name!r}) for model {m.spec.display!r}: {err}") from None
     by_label = {m.spec.display: m for m in models}
     plans = []
-    cells = expand_grid(cfg, [m.classes for m in models], [model_fingerprint(m.pipe.unet) for m in models],
-                        [tuple(metric.fingerprint() for metric in m.metrics) for m in models])
+    cells = expand_grid(cfg, [m.classes for m in models], [model_fingerprint(m.denoiser) for m in models],
+                        [tuple(metric.fingerprint() for metric in m.metrics) for m in models],
+                        [m.conditioning_key() for m in models])
     for cell in cells:
         key = (cell.model.display, cell.scheduler.display)
         n_steps = steps[(*key, cell.nfe)]
@@ -147,9 +254,41 @@ def quiet_scheduler(scheduler):
     return copy.deepcopy(scheduler)
 
 
+def generate_text_chunk(plan: CellPlan, start: int, stop: int) -> Chunk:
+    """Images start..stop-1 of a text-to-image cell (sample i: prompt i mod len(prompts), generator seed + i), in
+    [-1, 1], from one pipeline call; a rule goes in with guide()."""
+    from contextlib import nullcontext
+
+    from ..generate import plan_guidance
+    from ..pipelines.hooks import guide
+
+    m, cell = plan.model, plan.cell
+    generators = sample_generators(cell.seed, start, stop)
+    labels = sample_labels(m.classes, start, stop)
+    guidance = plan_guidance(cell.guidance, m.kind)
+    kwargs = dict(guidance.kwargs, **m.call_kwargs, prompt=[m.prompts[i]["prompt"] for i in labels],
+                  num_inference_steps=plan.steps, generator=generators, output_type="pt")
+    negatives = [m.prompts[i]["negative_prompt"] for i in labels]
+    negatives = [n if n is not None else guidance.negative_default for n in negatives]
+    if any(n is not None for n in negatives):
+        kwargs["negative_prompt"] = [n or "" for n in negatives]
+    m.pipe.scheduler = quiet_scheduler(plan.scheduler)
+    rule = copy.deepcopy(guidance.rule) if guidance.rule is not None else None
+    with NetworkProbe(m.denoiser) as probe:
+        with guide(m.pipe, rule, check_finite=False) if rule is not None else nullcontext() as hook:
+            t0 = time.perf_counter()
+            images = m.pipe(**kwargs).images
+            samples = (images.to("cpu", torch.float32) * 2 - 1)
+            seconds = time.perf_counter() - t0
+    rows = hook.network_evaluations if rule is not None else probe.rows
+    return Chunk(samples, labels, probe.calls, rows, probe.first_nonfinite_call(), seconds)
+
+
 def generate_chunk(plan: CellPlan, start: int, stop: int, device: torch.device) -> Chunk:
     """Samples start..stop-1 of a cell in one pipeline call, with their call counts and wall time."""
     m, cell = plan.model, plan.cell
+    if m.is_text:
+        return generate_text_chunk(plan, start, stop)
     generators = sample_generators(cell.seed, start, stop)
     noise = initial_noise(cell.seed, start, stop, m.shape, generators)
     labels = sample_labels(m.classes, start, stop)
@@ -220,9 +359,10 @@ def finish_cell(plan: CellPlan, folder: RunFolder, shard: Shard, device, cache_d
         return record
     m = plan.model
     sample_set = SampleSet(
-        samples=samples, labels=labels, noise=initial_noise(cell.seed, 0, cell.num_samples, m.shape),
-        denoiser=m.pipe.unet, guidance=plan.guidance, schedule=m.schedule, prediction_type=m.prediction_type,
+        samples=samples, labels=labels, noise=None if m.is_text else initial_noise(cell.seed, 0, cell.num_samples, m.shape),
+        denoiser=m.denoiser, guidance=plan.guidance, schedule=m.schedule, prediction_type=m.prediction_type,
         cache_dir=cache_dir, work_dir=folder.root, reference_key=cell.reference_key,
+        prompts=[m.prompts[int(i)]["prompt"] for i in labels] if m.is_text else None,
     )
     t0 = time.perf_counter()
     for metric in m.metrics:

@@ -26,6 +26,7 @@ class SampleSet:
     ``(x, t) -> output`` of ``prediction_type`` (for reference solutions); ``schedule``: the model's
     :class:`~steerdiff.core.NoiseSchedule`;
     ``cache_dir``: where reference statistics are cached; ``work_dir``: a folder for this run's caches;
+    ``prompts``: text-to-image models: the prompt of each sample (``labels`` then index the model's prompt list);
     ``reference_key``: identifies (model, guidance, noise, labels) so a reference solution can be shared by
     every cell that starts from the same noise.
     """
@@ -40,6 +41,7 @@ class SampleSet:
     cache_dir: Path | None = None
     work_dir: Path | None = None
     reference_key: str | None = None
+    prompts: list[str] | None = None  # text-to-image models: the prompt of each sample (CLIP score)
     _features: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def features(self, space) -> torch.Tensor:

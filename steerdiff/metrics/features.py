@@ -27,7 +27,8 @@ from ..options import check_options, named_options
 from .base import Metric, SampleSet
 
 REFERENCE_DATASETS = ("digits",)
-"""Built-in reference data sets; a path to a ``.npy`` file of (N, C, H, W) images in [-1, 1] works too."""
+"""Built-in reference data sets; a ``.npy`` file of (N, C, H, W) images in [-1, 1] or a folder of images works too."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @lru_cache(maxsize=16)
@@ -132,12 +133,42 @@ def make_feature_space(name: str = "digits", **kwargs) -> FeatureSpace:
     return cls(**kwargs)
 
 
+def _folder_images(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def reference_id(dataset: str) -> str:
-    """The id of a reference data set in cache names: its name, or a .npy file's stem and content hash."""
+    """The id of a reference data set in cache names: its name, a .npy file's stem and content hash, or a folder's
+    name and a hash of its image files' names, sizes and modification times."""
     if dataset in REFERENCE_DATASETS:
         return dataset
     path = Path(dataset).expanduser()
+    if path.is_dir():
+        listing = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _folder_images(path)]
+        return f"{path.name}-{hashlib.sha256(repr(listing).encode()).hexdigest()[:12]}"
     return f"{path.stem}-{file_digest(str(path))}" if path.is_file() else str(path)
+
+
+def load_image_folder(path: Path) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1]: every image file of a folder (RGB), which must all have one size."""
+    from PIL import Image
+
+    files = _folder_images(path)
+    if not files:
+        raise ValueError(f"reference folder {str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    arrays, first = [], None
+    for f in files:
+        with Image.open(f) as im:
+            if first is None:
+                first = (f.name, im.size)
+            elif im.size != first[1]:
+                raise ValueError(
+                    f"reference folder {str(path)!r}: {first[0]} is {first[1][0]}x{first[1][1]} but {f.name} is "
+                    f"{im.size[0]}x{im.size[1]}; the images must share one size (resize them once, e.g. to your samples' size)"
+                )
+            arrays.append(np.asarray(im.convert("RGB"), dtype=np.float32))
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return x / 127.5 - 1
 
 
 def reference_images(dataset: str) -> tuple[torch.Tensor, str]:
@@ -147,10 +178,12 @@ def reference_images(dataset: str) -> tuple[torch.Tensor, str]:
 
         return load_digits_data("all")[0], "digits"
     path = Path(dataset).expanduser()
+    if path.is_dir():
+        return load_image_folder(path), reference_id(dataset)
     if path.suffix != ".npy" or not path.is_file():
         raise ValueError(
-            f"reference {dataset!r} must be a built-in data set {REFERENCE_DATASETS} or an existing .npy file of "
-            "(N, C, H, W) images in [-1, 1]"
+            f"reference {dataset!r} must be a built-in data set {REFERENCE_DATASETS}, an existing .npy file of "
+            "(N, C, H, W) images in [-1, 1] or a folder of images"
         )
     images = torch.from_numpy(np.load(path, allow_pickle=False)).float()
     if images.ndim != 4:

@@ -10,6 +10,8 @@ divergence         magnitude_score, out_of_range                    any (C, H, W
 class_accuracy     class_accuracy (digits classifier)               1x8x8 class-conditional models
 l2_to_reference    l2_error (vs a 1,000-step 2nd-order solve)       any; the mixture's headline error
 log_likelihood     log_likelihood (exact, nats)                     GaussianMixtureDenoiser models
+clip_score         clip_score (a local CLIP folder, ``model``)      text-to-image pipelines (RGB)
+saturation         saturation (HSV), clipped (fraction at bounds)   RGB image models
 =================  ==============================================  =====================================
 """
 
@@ -18,15 +20,18 @@ from __future__ import annotations
 from ..options import check_options, named_options, takes_any_option
 from .accuracy import ClassAccuracy
 from .base import Metric
+from .clip_score import CLIPScore
 from .divergence import Divergence
 from .fd import FrechetDistance, InceptionFID
 from .likelihood import MixtureLogLikelihood
 from .precision_recall import PrecisionRecall
 from .reference_error import ReferenceL2
+from .saturation import Saturation
 
 METRICS: dict[str, type[Metric]] = {
     cls.name: cls
-    for cls in (FrechetDistance, InceptionFID, PrecisionRecall, Divergence, ClassAccuracy, ReferenceL2, MixtureLogLikelihood)
+    for cls in (FrechetDistance, InceptionFID, PrecisionRecall, Divergence, ClassAccuracy, ReferenceL2, MixtureLogLikelihood,
+                CLIPScore, Saturation)
 }
 
 

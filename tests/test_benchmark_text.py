@@ -1,0 +1,153 @@
+"""`steerdiff benchmark` on a text-to-image pipeline folder with a prompt set: FID against a folder of reference
+images (random Inception weights in a safetensors file), CLIP score from a tiny random CLIP folder, saturation,
+rules through guide(), steerdiff schedulers, errors before sampling, and resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from steerdiff.cli import main
+from tests.tiny_pipelines import tiny_tokenizer
+from tests.tiny_text_pipelines import save_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPModel
+
+    from steerdiff.metrics.inception import FIDInceptionV3
+
+    root = tmp_path_factory.mktemp("t2i")
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=30, patch_size=2)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(root / "clip")
+    tiny_tokenizer().save_pretrained(root / "clip")
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in FIDInceptionV3().state_dict().items()}, str(root / "inception.safetensors"))
+    (root / "ref").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(root / "ref" / f"{i:03d}.png")
+    (root / "prompts.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a red dog", "negative_prompt": "blur"}\n')
+    return {"root": root, "sd": save_tiny_pipeline("sd", root / "sd"), "sd3": save_tiny_pipeline("sd3", root / "sd3")}
+
+
+def _config(assets, path: Path, output: Path, model: str = "sd", **extra) -> Path:
+    root = assets["root"]
+    cfg = {
+        "name": "t2i", "output_dir": str(output), "cache_dir": str(root / "cache"), "progress": False, "device": "cpu",
+        "models": [{"model": str(assets[model]), "prompts": str(root / "prompts.jsonl"), "metrics": [
+            {"name": "fid", "kwargs": {"weights": str(root / "inception.safetensors"), "reference": str(root / "ref")}},
+            {"name": "clip_score", "kwargs": {"model": str(root / "clip")}}, "saturation"]}],
+        "schedulers": [{"name": "ghvb"}], "guidance": [{"name": "apg", "scale": 4}], "nfe": [3],
+        "num_samples": 4, "batch_size": 2, **extra,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("model", ["sd", "sd3"])
+def test_text_to_image_cell_with_fid_clip_and_saturation(model, assets, tmp_path, one_thread):
+    from steerdiff.benchmark.storage import RunFolder
+    from steerdiff.metrics.clip_score import CLIPScore
+
+    out = tmp_path / "run"
+    assert main(["benchmark", "--config", str(_config(assets, tmp_path / "b.yaml", out, model))]) == 0
+    (record,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert record["status"] == "ok" and record["classes"] == [0, 1] and record["nfe_measured"] == 3
+    m = record["metrics"]
+    assert set(m) == {"fid", "clip_score", "saturation", "clipped"}
+    assert m["fid"] >= 0 and np.isfinite(m["fid"]) and 0 <= m["saturation"] <= 1
+    # the CLIP score is the stored images' cosine with their prompts (sample i: prompt i mod 2), recomputed here
+    folder = RunFolder(out)
+    samples = torch.cat([folder.load_chunk(record["cell_id"], k).samples for k in range(2)])
+    assert samples.shape == (4, 3, 32, 32) and samples.min() >= -1 and samples.max() <= 1
+    cos = CLIPScore(model=str(assets["root"] / "clip")).cosines(samples, ["a cat", "a red dog"] * 2)
+    assert m["clip_score"] == pytest.approx(float((100 * cos.clamp(min=0)).mean()), abs=1e-9)
+
+
+def test_clip_cosines_match_transformers_own_similarity(assets):
+    """An independent reference: CLIPModel's forward (its logits are logit_scale * cos) on the same pixels."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from steerdiff.metrics.clip_score import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPScore, clip_pixels
+
+    folder = assets["root"] / "clip"
+    images = torch.rand(3, 3, 40, 36) * 2 - 1
+    prompts = ["a cat", "two dogs", "a red house"]
+    ours = CLIPScore(model=str(folder)).cosines(images, prompts)
+    model = CLIPModel.from_pretrained(folder).eval()
+    tokens = AutoTokenizer.from_pretrained(folder)(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(pixel_values=clip_pixels(images, 30, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), **tokens)
+    theirs = out.logits_per_image.diagonal().double() / model.logit_scale.exp().double()
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert clip_pixels(images, 30, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD).shape == (3, 3, 30, 30)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("models=[{model: digits, prompts: [a cat]}]", "prompts: the model is class-conditional"),
+    ("classes=[1]", "classes: models[0]"),
+    ("guidance=[{name: nosuch}]", "unknown guidance rule"),
+])
+def test_text_model_errors_before_sampling(assets, tmp_path, capsys, override, message):
+    cfg = _config(assets, tmp_path / "b.yaml", tmp_path / "run")
+    assert main(["benchmark", "--config", str(cfg), override]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "cells").exists()
+
+
+def test_text_model_needs_prompts_and_rgb_metrics(assets, tmp_path, capsys):
+    cfg = yaml.safe_load(_config(assets, tmp_path / "b.yaml", tmp_path / "run").read_text())
+    del cfg["models"][0]["prompts"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["benchmark", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "prompts: StableDiffusionPipeline is a text-to-image pipeline; give prompts" in capsys.readouterr().err
+    cfg["models"][0].update(prompts=["a cat"], metrics=["fd"])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["benchmark", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "metrics[0] ('fd')" in capsys.readouterr().err
+
+
+def test_resume_after_a_kill(assets, tmp_path):
+    """Kill the run after its first cell; the rerun reuses that cell and finishes the rest."""
+    out = tmp_path / "run"
+    cfg = _config(assets, tmp_path / "b.yaml", out, nfe=[2, 3, 4], schedulers=[{"name": "dpmpp_2m"}],
+                  guidance=[{"name": "cfg", "scale": 3}])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "steerdiff", "benchmark", "--config", str(cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(out.glob("cells/*/record.json")) and proc.poll() is None:
+            time.sleep(0.2)
+        assert list(out.glob("cells/*/record.json")), "the first cell never finished"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_before = len(list(out.glob("cells/*/record.json")))
+    rerun = subprocess.run([sys.executable, "-m", "steerdiff", "benchmark", "--config", str(cfg)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{done_before} finished earlier and reused" in rerun.stdout
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["nfe"] for r in records) == [2, 3, 4] and all(r["status"] == "ok" for r in records)
