@@ -12,6 +12,8 @@ Conditioning follows what the pipeline takes: ``classes`` x ``samples_per_class`
 image-to-image and inpainting pipelines.  Everything is checked before the pipeline's weights are read.
 
 Image i uses seed ``seed + i`` through its own generator, so an image does not depend on the batch it was drawn in.
+Each image is written (atomically) as soon as its batch is done; a rerun after a crash reuses every batch whose
+images an earlier run wrote with the same settings.  The images folder is locked while a run uses it.
 Outputs: the grid PNG at ``output`` and, in the folder beside it named after it (``outputs/generate/digits/``),
 every image as a PNG carrying its settings in its text metadata, and ``manifest.jsonl`` (one line per image).
 """
@@ -401,6 +403,20 @@ def png_info(settings: dict[str, Any]) -> PngInfo:
     return info
 
 
+def _finished_image(path: Path, settings: dict[str, Any]) -> np.ndarray | None:
+    """The image at ``path`` (H, W, C) in [0, 1] if an earlier run wrote it with these exact settings, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as im:
+            if json.loads(im.text.get("steerdiff", "null")) != json.loads(json.dumps(settings)):
+                return None
+            pixels = np.asarray(im, dtype=np.float64) / 255
+    except (OSError, ValueError):
+        return None  # unreadable or damaged: made again
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
 def images_folder(output: Path) -> Path:
     """Where the images and manifest of the grid ``output`` go: the folder beside it named after it."""
     return output.with_suffix("")
@@ -472,14 +488,25 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
     from .pipelines.hooks import guide
     from .pipelines.watch import watch_nonfinite
 
-    chunks = []
+    from .run_folder import RunFolderLock
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chunks, reused = [], 0
     with ExitStack() as stack, tqdm(total=len(items), desc="generate", unit="image", disable=not progress) as bar:
+        lock = RunFolderLock(folder)  # one run per images folder
+        stack.callback(lock.release)
         if guidance.rule is not None:
             stack.enter_context(guide(pipe, guidance.rule))
         elif kind.kind != "class":  # the class pipeline checks its own outputs
             stack.enter_context(watch_nonfinite(pipe))
         for start in range(0, len(items), cfg.batch_size):
             part = items[start : start + cfg.batch_size]
+            done = [_finished_image(folder / f"{it.index:05d}.png", _settings(cfg, it)) for it in part]
+            if all(d is not None for d in done):  # an interrupted run wrote these already: resume after them
+                chunks.append(np.stack(done))
+                reused += len(part)
+                bar.update(len(part))
+                continue
             gens = [torch.Generator(device="cpu").manual_seed(cfg.seed + it.index) for it in part]
             kwargs = dict(fixed, num_inference_steps=cfg.steps, generator=gens, output_type="np")
             if kind.kind == "class":
@@ -512,6 +539,8 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
     upscale = cfg.upscale or (4 if min(images.shape[1:3]) < 32 else 1)
     grid = image_grid(images, rows=rows, upscale=upscale)
     atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
+    if reused:
+        print(f"reused {reused} images an earlier run of the same settings wrote in {folder}")
     return out, images
 
 

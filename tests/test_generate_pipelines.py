@@ -32,7 +32,7 @@ def test_text_to_image_with_a_rule_and_a_steerdiff_scheduler(folders, tmp_path, 
     assert rc == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and str(tmp_path / "run" / "grid") in printed
-    files = sorted(p.name for p in (tmp_path / "run" / "grid").iterdir())
+    files = sorted(p.name for p in (tmp_path / "run" / "grid").iterdir() if p.name != ".lock")
     assert files == ["00000.png", "00001.png", "00002.png", "00003.png", "manifest.jsonl"]
     assert Image.open(out).size == (2 * 32 + 1, 2 * 32 + 1)  # rows = prompts, columns = images per prompt
     manifest = [json.loads(line) for line in (tmp_path / "run" / "grid" / "manifest.jsonl").read_text().splitlines()]
@@ -148,3 +148,17 @@ def test_shipped_example_configs_run(name, model, extra, folders, tmp_path, one_
         more.append(f"image={picture}")
     assert main(["generate", "--config", f"configs/generate/{name}.yaml", f"model={folders[model]}", "steps=4",
                  "images_per_prompt=1", f"output={tmp_path / 'out.png'}", *extra, *more]) == 0
+
+
+def test_a_rerun_reuses_the_batches_an_earlier_run_finished(folders, tmp_path, capsys, one_thread):
+    args = ["generate", f"model={folders['sd']}", "prompts=[a, b]", "images_per_prompt=2", "batch_size=2", "steps=3",
+            f"output={tmp_path / 'g.png'}"]
+    assert main(args) == 0
+    first = {i: _pixels(tmp_path / "g" / f"{i:05d}.png") for i in range(4)}
+    (tmp_path / "g" / "00003.png").unlink()  # as if killed while writing the second batch
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "reused 2 images" in capsys.readouterr().out
+    assert all(np.array_equal(first[i], _pixels(tmp_path / "g" / f"{i:05d}.png")) for i in range(4))
+    assert main([*args[:-2], "steps=4", args[-1]]) == 0  # other settings: nothing is reused
+    assert "reused" not in capsys.readouterr().out
