@@ -3,8 +3,11 @@
 For data N(mu, s0^2 I) under x_s = (1 - s) x0 + s eps the probability-flow ODE is linear and its solution from
 x_1 (pure noise, s = 1) is  x_s = (1 - s) mu + sqrt((1 - s)^2 s0^2 + s^2) x_1,  so x_0 = mu + s0 x_1 exactly.  The
 network is the exact velocity of that Gaussian (the analytic mixture with one component, float64), so the error
-at s = 0 is pure discretisation error.  Grids: FlowMatchEulerDiscreteScheduler's (shift 3 as SD3, shift 1), which
-start at s = 1.  The order is the least-squares slope of log error against log N over the step counts.
+at s = 0 is pure discretisation error.  Grids: FlowMatchEulerDiscreteScheduler's ``set_timesteps(N)`` (shift 3 as
+SD3, shift 1), which start at s = 1 and end with a step from a fixed sigma_min to 0 (see
+benchmarks/multistep_order.py for pipeline-style sigmas, whose last step shrinks with N).  Adams-Bashforth samplers
+use their default variable-step weights in s unless marked "fixed weights" (the paper's, in sigma_bar); "RK4
+start" is ``warmup="rk4"`` (3 extra calls per warm-up step, not counted in N here).  The order is the least-squares slope of log error against log N over the step counts.
 
     python -m benchmarks.flow_orders            # prints the table (a few seconds)
 """
@@ -21,16 +24,22 @@ from steerdiff.samplers import GHVBScheduler, HeavyBallDPMSolverScheduler, Heavy
 from steerdiff.testbeds.mixture import GaussianMixtureDenoiser
 
 F64 = torch.float64
+FIXED = dict(adams_weights="fixed")  # the paper's equal-step weights in sigma_bar
 SOLVERS = {
     "Euler (GHVB 1)": lambda c: GHVBScheduler.from_config(c, momentum_number=1.0),
     "DPM-Solver++ 2M (HB-DPM beta 1)": lambda c: HeavyBallDPMSolverScheduler.from_config(c, beta=1.0),
     "HB-DPM beta 0.8": lambda c: HeavyBallDPMSolverScheduler.from_config(c, beta=0.8),
+    "PLMS-2 (GHVB 2), fixed weights": lambda c: GHVBScheduler.from_config(c, momentum_number=2.0, **FIXED),
     "PLMS-2 (GHVB 2)": lambda c: GHVBScheduler.from_config(c, momentum_number=2.0),
+    "PLMS-4 (HB-PLMS beta 1), fixed weights": lambda c: HeavyBallPLMSScheduler.from_config(c, order=4, beta=1.0, **FIXED),
     "PLMS-4 (HB-PLMS beta 1)": lambda c: HeavyBallPLMSScheduler.from_config(c, order=4, beta=1.0),
+    "PLMS-4, RK4 start": lambda c: HeavyBallPLMSScheduler.from_config(c, order=4, beta=1.0, warmup="rk4"),
     "HB-PLMS-4 beta 0.8": lambda c: HeavyBallPLMSScheduler.from_config(c, order=4, beta=0.8),
     "GHVB 1.5": lambda c: GHVBScheduler.from_config(c, momentum_number=1.5),
     "GHVB 2.5": lambda c: GHVBScheduler.from_config(c, momentum_number=2.5),
+    "GHVB 3.8, fixed weights": lambda c: GHVBScheduler.from_config(c, momentum_number=3.8, **FIXED),
     "GHVB 3.8": lambda c: GHVBScheduler.from_config(c, momentum_number=3.8),
+    "GHVB 3.8, RK4 start": lambda c: GHVBScheduler.from_config(c, momentum_number=3.8, warmup="rk4"),
 }
 STEPS = (10, 20, 40, 80, 160)
 

@@ -126,3 +126,18 @@ def test_flow_guidance_configs_build_every_rule(name):
             build_guidance(g)
         else:
             assert "digits-flow_flow_euler_10" in g.kwargs["coefficients"]
+
+
+@pytest.mark.parametrize("name", ["momentum_variable_vp", "momentum_variable_flow"])
+def test_momentum_comparison_configs_plan(name, tmp_path):
+    """The fixed-vs-variable momentum grids validate and build every scheduler on both of their models."""
+    from steerdiff.benchmark import BenchmarkConfig
+    from steerdiff.benchmark.runner import prepare
+    from steerdiff.config import load_config
+
+    cfg = load_config(BenchmarkConfig, f"configs/benchmark/{name}.yaml", [f"output_dir={tmp_path}", "device=cpu"])
+    plans = prepare(cfg, torch.device("cpu"))
+    rk4 = {p.cell.nfe: p.steps for p in plans if p.cell.scheduler.display == "GHVB 2.5 RK4"}
+    assert rk4[10] == 4 and rk4[4] == 1  # 4 steps + 6 warm-up calls; one RK4 step
+    weights = {p.scheduler.config.get("adams_weights") for p in plans if "GHVB" in p.cell.scheduler.display}
+    assert weights == {"fixed", "variable"}

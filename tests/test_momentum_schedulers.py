@@ -247,12 +247,13 @@ def test_heavy_ball_dpm_solver_at_beta_1_matches_diffusers_with_zero_terminal_sn
 
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 @pytest.mark.parametrize("make", [
-    lambda r: HeavyBallPLMSScheduler(order=r, beta=1.0, **SD_BETAS),
-    lambda r: GHVBScheduler(order=r, beta=1.0, **SD_BETAS),
-    lambda r: GHVBScheduler(momentum_number=r, **SD_BETAS),
+    lambda r: HeavyBallPLMSScheduler(order=r, beta=1.0, adams_weights="fixed", **SD_BETAS),
+    lambda r: GHVBScheduler(order=r, beta=1.0, adams_weights="fixed", **SD_BETAS),
+    lambda r: GHVBScheduler(momentum_number=r, adams_weights="fixed", **SD_BETAS),
 ], ids=["plms_hb", "ghvb", "ghvb_momentum_number"])
 def test_plms_momentum_at_beta_1_is_adams_bashforth(make, order):
-    """beta = 1: PLMS-r, i.e. Adams-Bashforth of order r in (x_bar, sigma_bar) (core.sample_plms) on the same grid."""
+    """beta = 1 with the paper's fixed weights: PLMS-r, i.e. classical Adams-Bashforth of order r in
+    (x_bar, sigma_bar) (core.sample_plms) on the same grid."""
     sched, model, x = make(order), gaussian(), x_T()
     got = run(sched, model, x, 12)
     expected = sample_plms(model, x, NoiseSchedule.from_config(SD_BETAS), with_final(sched.timesteps), order=order)
@@ -310,7 +311,7 @@ def _by_hand(kind, order, beta, model, x, timesteps, schedule):
 @pytest.mark.parametrize("order", [2, 4])
 @pytest.mark.parametrize("kind,cls", [("hb", HeavyBallPLMSScheduler), ("ghvb", GHVBScheduler)])
 def test_plms_momentum_matches_the_digest_by_hand(kind, cls, order):
-    sched = cls(order=order, beta=0.6, prediction_type="v_prediction", **SD_BETAS)
+    sched = cls(order=order, beta=0.6, prediction_type="v_prediction", adams_weights="fixed", **SD_BETAS)
     model, x = gaussian("v_prediction"), x_T()
     got = run(sched, model, x, 9)
     expected = _by_hand(kind, order, 0.6, model, x, sched.timesteps, NoiseSchedule.from_config(SD_BETAS))
@@ -391,7 +392,7 @@ def test_bad_step_calls_are_rejected(cls):
         sched.step(x, sched.timesteps, x)
     for t in sched.timesteps:
         sched.step(x, t, x)
-    with pytest.raises(ValueError, match="after the last of num_inference_steps = 2 steps"):
+    with pytest.raises(ValueError, match=r"after the last of the run's 2 network calls \(num_inference_steps = 2\)"):
         sched.step(x, 0, x)
 
 

@@ -69,16 +69,18 @@ class MomentumState:
         return self.velocity
 
 
-def plms_hb_direction(state: MomentumState, eps: torch.Tensor, order: int) -> torch.Tensor:
-    """PLMS-r with heavy ball: push eps, then v <- (1 - beta) v + beta AB_r(eps history); returns v."""
+def plms_hb_direction(state: MomentumState, eps: torch.Tensor, order: int, coefficients=None) -> torch.Tensor:
+    """PLMS-r with heavy ball: push eps, then v <- (1 - beta) v + beta AB_r(eps history); returns v.
+    ``coefficients``: this step's variable-step Adams-Bashforth weights (beta 1), else the fixed ones."""
     state.history.push(eps)
-    return state.average(adams_bashforth(state.history, order))
+    return state.average(adams_bashforth(state.history, order, coefficients=coefficients))
 
 
-def ghvb_direction(state: MomentumState, eps: torch.Tensor, order: int) -> torch.Tensor:
-    """GHVB of order r: v <- (1 - beta) v + beta eps, push v, return the beta-weighted AB_r(v history; beta)."""
+def ghvb_direction(state: MomentumState, eps: torch.Tensor, order: int, coefficients=None) -> torch.Tensor:
+    """GHVB of order r: v <- (1 - beta) v + beta eps, push v, return the beta-weighted AB_r(v history; beta).
+    ``coefficients``: this step's variable-step weights for this beta, else the fixed ones."""
     state.history.push(state.average(eps))
-    return adams_bashforth(state.history, order, state.beta)
+    return adams_bashforth(state.history, order, state.beta, coefficients=coefficients)
 
 
 def order_and_beta(momentum_number: float) -> tuple[int, float]:

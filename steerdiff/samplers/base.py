@@ -50,9 +50,10 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 
 from ..core.denoiser import Prediction
 from ..core.grid import FINAL_SIGMAS_TYPES, Grid, check_choice, resolve_grid
-from ..core.prediction import to_eps, to_x0
+from ..core.prediction import convert_prediction, to_eps, to_x0
 from ..core.process import FLOW_KEYS, NOISE_PROCESSES, VP_KEYS, as_config, noise_process_family, noise_process_from_config, prediction_type_from_config
 from ..core.nonfinite import NonFiniteWatch
+from ..core.steps import euler_step
 from ..core.tensors import expand_to
 from ..core.timesteps import TIMESTEP_SPACINGS
 
@@ -227,6 +228,7 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         # diffusers' ``sigmas`` (on the CPU): the flow noise level s, or the VP sigma_bar of DPM-Solver / Euler
         self.sigmas = (grid.sigma_host if c.noise_process == "flow" else grid.sigma_bar_host).to(torch.float32)
         self.num_inference_steps = grid.num_steps
+        self._call_t = grid.t_host[:-1]  # the timestep of each network call (a warm-up adds calls between points)
         self._momentum.reset()
         self._step_index = None
         self._begin_index = None
@@ -252,7 +254,7 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         self._watch_nonfinite(model_output, i)
         prev_sample = self._update(i, model_output, sample)
         self._step_index = i + 1
-        if i == self.num_inference_steps - 1:
+        if i == len(self._call_t) - 1:
             self._raise_deferred_nonfinite()
         return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
 
@@ -314,12 +316,13 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         if self._grid is None:
             raise ValueError(f"call set_timesteps(num_inference_steps) before step() on {type(self).__name__}")
         i = self._step_index if self._step_index is not None else (self._begin_index or 0)
-        n = self.num_inference_steps
+        n = len(self._call_t)
         if i >= n:
             raise ValueError(
-                f"step() called after the last of num_inference_steps = {n} steps; call set_timesteps() for a new run"
+                f"step() called after the last of the run's {n} network calls (num_inference_steps = "
+                f"{self.num_inference_steps}); call set_timesteps() for a new run"
             )
-        given, expected = _host_timestep(timestep), self._grid.t_host[i]
+        given, expected = _host_timestep(timestep), self._call_t[i]
         if given is not None and given != expected:
             raise ValueError(
                 f"timestep {given:g} is not the next timestep of this run (step {i} of {n} is at {expected:g}); "
@@ -328,10 +331,154 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         return i
 
     def _watch_nonfinite(self, model_output: torch.Tensor, i: int) -> None:
-        self._nonfinite.update(i, model_output, self._grid.t_host[i])
+        self._nonfinite.update(i, model_output, self._call_t[i])
 
     def _raise_deferred_nonfinite(self) -> None:
         self._nonfinite.finish()
+
+
+class AdamsBashforthScheduler(MomentumScheduler):
+    """Base of the Adams-Bashforth momentum samplers (PLMS + HB, GHVB): the ``adams_weights`` and ``warmup`` options.
+
+    ``adams_weights``: "fixed" uses the classical equal-step weights in (x_bar, sigma_bar) with eps, as PLMS and
+    the paper's code.  "variable" uses the weights of the actual steps
+    (:func:`~steerdiff.core.multistep.variable_adams_bashforth_coefficients`) in the ODE's own variable:
+    d x_bar / d sigma_bar = eps on VP grids, d x / d s = v (the velocity eps - x0) on flow grids, where
+    sigma_bar = s / (1 - s) is infinite at the first point and its steps are far from polynomial-friendly near
+    s = 1.  Both variables give the same first-order (Euler / DDIM) step.  The weights depend on the grid only and
+    are computed on the host once per ``set_timesteps``.
+
+    ``warmup``: "none" starts with lower-order Adams-Bashforth steps while the history fills (an Euler first step,
+    as the paper's code); "rk4" takes the first r - 1 steps with the classical Runge-Kutta method in the same
+    variable y (sigma_bar or s) and derivative f (eps or v),
+
+        k1 = f(x_n, y_n),  k2 = f(x_n + h/2 k1, y_n + h/2),  k3 = f(x_n + h/2 k2, y_n + h/2),
+        k4 = f(x_n + h k3, y_{n+1}),   x_{n+1} = x_n + h (k1 + 2 k2 + 2 k3 + k4) / 6,
+
+    as PNDM's pseudo Runge-Kutta start (Liu et al. 2022), whose local error O(h^5) keeps the start from capping the
+    global order at 2.  Each warm-up step is four network calls, listed in ``timesteps`` (the midpoint twice):
+    N steps cost N + 3 (r - 1) calls.  k1 of each warm-up step enters the history as a multistep value would.
+    """
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
+                      mu: float | None = None) -> None:
+        """:meth:`MomentumScheduler.set_timesteps` (same arguments: pipelines inspect them), then the variable
+        weights and the warm-up calls of this grid."""
+        super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
+        self._weights = self._variable_weights() if self.config.adams_weights == "variable" else None
+        self._stages = None
+        if self.config.warmup == "rk4" and self.config.order > 1:
+            self._lay_out_warmup()
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        if getattr(self, "_stages", None) is not None and begin_index:
+            raise ValueError("warmup='rk4' starts at the first timestep; a pipeline that starts later in the grid "
+                             "(img2img, set_begin_index) needs warmup='none'")
+        super().set_begin_index(begin_index)
+        if getattr(self, "_weights", None) is not None:  # the history starts at the begin index
+            self._weights = self._variable_weights(start=self._begin_index)
+
+    @property
+    def _in_s(self) -> bool:
+        return self._weights is not None and self._process.kind == "flow"
+
+    def _variable_weights(self, start: int = 0) -> list[tuple[float, ...]]:
+        """Per step i >= ``start`` (the run's first step), the weights on the nodes start..i (at most r of them)."""
+        from ..core.multistep import variable_adams_bashforth_coefficients
+
+        grid = self._grid
+        flow = self._process.kind == "flow"
+        nodes = (grid.sigma_host if flow else grid.sigma_bar_host).tolist()
+        skip = 1 if grid.starts_at_pure_noise and not flow and start == 0 else 0  # sigma_bar is infinite there
+        beta = self._momentum.beta if self._beta_weighted else 1.0
+        table = [()] * start
+        for i in range(start, grid.num_steps):
+            r = max(1, min(self.config.order, i - start + 1 - skip))
+            table.append(variable_adams_bashforth_coefficients([nodes[i + 1]] + nodes[i - r + 1 : i + 1][::-1], beta))
+        return table
+
+    def _lay_out_warmup(self) -> None:
+        grid, process = self._grid, self._process
+        if process.kind == "flow" and not self._in_s:
+            raise ValueError("warmup='rk4' on a flow-matching grid integrates in s: it needs adams_weights='variable'")
+        warm = min(self.config.order - 1, grid.num_steps)
+        calls, stages, mids = [], [], []
+        for n in range(grid.num_steps):
+            if n >= warm:
+                calls.append(grid.t_host[n])
+                stages.append((n, None))
+                continue
+            if process.kind == "flow":
+                s_mid = 0.5 * (float(grid.sigma_host[n]) + float(grid.sigma_host[n + 1]))
+                t_mid = s_mid * process.num_train_timesteps
+                a_mid, s_mid_t = torch.tensor(1.0 - s_mid, dtype=torch.float64), torch.tensor(s_mid, dtype=torch.float64)
+            else:
+                bar = 0.5 * (float(grid.sigma_bar_host[n]) + float(grid.sigma_bar_host[n + 1]))
+                t_mid = float(process.timestep_from_sigma_bar(torch.tensor(bar, dtype=torch.float64)))
+                a_mid, s_mid_t = process.alpha_sigma(torch.tensor(t_mid, dtype=torch.float64))
+            mids.append(tuple(v.to(device=grid.alpha.device, dtype=grid.alpha.dtype).reshape(()) for v in (a_mid, s_mid_t)))
+            calls += [grid.t_host[n], t_mid, t_mid, grid.t_host[n + 1]]
+            stages += [(n, 0), (n, 1), (n, 2), (n, 3)]
+        self._stages, self._mids, self._call_t = stages, mids, calls
+        self._rk: dict = {}
+        # fractional midpoint timesteps, in the grid's own precision (float64; float32 on MPS), so that the network
+        # sees exactly the noise level the stage is computed at
+        self.timesteps = torch.tensor(calls, dtype=grid.alpha.dtype, device=grid.t.device)
+        self._call_t = [float(v) for v in self.timesteps.cpu().tolist()]
+        self._nonfinite = NonFiniteWatch(self.config.nonfinite_check, "model_output", len(calls))
+
+    def _update(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        if self._stages is None:
+            return self._multistep(i, model_output, sample)
+        n, stage = self._stages[i]
+        if stage is None:
+            return self._multistep(n, model_output, sample)
+        return self._runge_kutta(n, stage, model_output, sample)
+
+    def _runge_kutta(self, n: int, stage: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        grid, rk = self._grid, self._rk
+        here = grid.point(n) if stage == 0 else grid.point(n + 1) if stage == 3 else self._mids[n]
+        k = self._derivative_at(here, model_output, sample)
+        if stage == 0:
+            rk.clear()
+            rk["x"] = sample
+            self._feed(k)
+        rk[stage] = k
+        x = rk["x"]
+        if stage == 0:
+            return self._move(x, k, grid.point(n), self._mids[n])
+        if stage == 1:
+            return self._move(x, k, grid.point(n), self._mids[n])
+        if stage == 2:
+            return self._move(x, k, grid.point(n), grid.point(n + 1))
+        combined = (rk[0] + 2 * rk[1] + 2 * rk[2] + k) / 6
+        return self._move(x, combined, grid.point(n), grid.point(n + 1))
+
+    def _derivative_at(self, point, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        a, s = point
+        target = "flow_prediction" if self._in_s else "epsilon"
+        return convert_prediction(model_output, sample, a, s, self.config.prediction_type, target)
+
+    def _move(self, x: torch.Tensor, direction: torch.Tensor, start, end) -> torch.Tensor:
+        """x + (y_end - y_start) direction in the variable y (s, or sigma_bar: :func:`~steerdiff.core.steps.euler_step`)."""
+        if self._in_s:
+            return x + expand_to(end[1] - start[1], x).to(x.dtype) * direction
+        return euler_step(x, direction, start[0], start[1], end[0], end[1])
+
+    def _derivative(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """What the Adams-Bashforth rule combines: eps (in sigma_bar), or the velocity v (in s, flow, variable)."""
+        if not self._in_s:
+            return self._eps(i, model_output, sample)
+        return self._derivative_at(self._grid.point(i), model_output, sample)
+
+    def _advance(self, i: int, sample: torch.Tensor, direction: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        """x_{i+1} = x_i + (s_{i+1} - s_i) direction in s, else the Euler step in (x_bar, sigma_bar)."""
+        if not self._in_s:
+            return self._euler(i, sample, direction, model_output)
+        return self._move(sample, direction, self._grid.point(i), self._grid.point(i + 1))
+
+    def _coefficients(self, i: int):
+        return None if self._weights is None else self._weights[i]
 
 
 def schedule_options(init):

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from ..core.grid import check_choice
 from ..core.momentum import MomentumState, check_order, ghvb_direction, order_and_beta
-from .base import MomentumScheduler, schedule_options
+from ..core.multistep import ADAMS_WEIGHTS, WARMUPS
+from .base import AdamsBashforthScheduler, schedule_options
 
 
-class GHVBScheduler(MomentumScheduler):
+class GHVBScheduler(AdamsBashforthScheduler):
     """GHVB of order r = 1-4 and momentum beta in (x_bar, sigma_bar) = (x / alpha, sigma / alpha):
 
         v_n = (1 - beta) v_{n-1} + beta eps_n,   v_0 = eps_0,
@@ -26,18 +28,34 @@ class GHVBScheduler(MomentumScheduler):
     with the beta-weighted Adams-Bashforth rule of :mod:`steerdiff.core.multistep` (of lower order while fewer
     than r velocities exist).  The first step is DDIM; ``beta=1`` is PLMS-r.
 
+    ``adams_weights``: "variable" (default) uses the weights of the actual steps in the ODE's variable (sigma_bar
+    on VP grids, s with the velocity on flow grids), with the beta weighting derived in
+    :mod:`steerdiff.core.multistep` (equal to the paper's on a uniform grid); "fixed" uses the paper's equal-step
+    weights in sigma_bar on every grid, as its code does.
+
     ``momentum_number`` m in (0, 4], when given, sets ``order = ceil(m)`` and ``beta = m - (order - 1)``
     (overriding ``order`` and ``beta``, which the config then records).
     """
 
     @schedule_options
-    def __init__(self, order: int = 4, beta: float = 0.8, momentum_number: float | None = None, **schedule_options):
+    def __init__(self, order: int = 4, beta: float = 0.8, momentum_number: float | None = None,
+                 adams_weights: str = "variable", warmup: str = "none", **schedule_options):
+        check_choice("adams_weights", adams_weights, ADAMS_WEIGHTS)
+        check_choice("warmup", warmup, WARMUPS)
         if momentum_number is not None:
             order, beta = order_and_beta(momentum_number)
             self.register_to_config(order=order, beta=beta)
         super().__init__(**schedule_options)
         self._momentum = MomentumState(beta, history_length=check_order(order))
+        self._weights = None
 
-    def _update(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        direction = ghvb_direction(self._momentum, self._eps(i, model_output, sample), self.config.order)
-        return self._euler(i, sample, direction, model_output)
+    _beta_weighted = True
+
+    def _feed(self, derivative: torch.Tensor) -> None:
+        """A warm-up step's k1 enters the memory as a multistep value would."""
+        self._momentum.history.push(self._momentum.average(derivative))
+
+    def _multistep(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        derivative = self._derivative(i, model_output, sample)
+        direction = ghvb_direction(self._momentum, derivative, self.config.order, self._coefficients(i))
+        return self._advance(i, sample, direction, model_output)

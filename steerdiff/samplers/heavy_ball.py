@@ -13,30 +13,47 @@ from __future__ import annotations
 
 import torch
 
+from ..core.grid import check_choice
 from ..core.momentum import MomentumState, check_order, plms_hb_direction
+from ..core.multistep import ADAMS_WEIGHTS, WARMUPS
 from ..core.steps import dpmpp_2m_data
-from .base import MomentumScheduler, schedule_options
+from .base import AdamsBashforthScheduler, MomentumScheduler, schedule_options
 
 
-class HeavyBallPLMSScheduler(MomentumScheduler):
+class HeavyBallPLMSScheduler(AdamsBashforthScheduler):
     """PLMS of order 1-4 with heavy-ball momentum, in (x_bar, sigma_bar) = (x / alpha, sigma / alpha):
 
         v_n = (1 - beta) v_{n-1} + beta AB_r(eps_n, eps_{n-1}, ...),   v_0 = eps_0,
         x_bar_{n+1} = x_bar_n + (sigma_bar_{n+1} - sigma_bar_n) v_n.
 
-    AB_r is the classical Adams-Bashforth combination (PLMS, Liu et al. 2022), of lower order while fewer than
-    r model outputs exist (no pseudo-Runge-Kutta warm-up, as in the paper's code: every step is one network
-    call).  The first step is DDIM.  ``beta=1`` is PLMS-r; ``order=1`` is DDIM with HB.
+    AB_r is the Adams-Bashforth combination (PLMS, Liu et al. 2022), of lower order while fewer than r model
+    outputs exist (no pseudo-Runge-Kutta warm-up, as in the paper's code: every step is one network call).  The
+    first step is DDIM.  ``beta=1`` is PLMS-r; ``order=1`` is DDIM with HB.
+
+    ``adams_weights``: "variable" (default) integrates the polynomial through the past derivatives over the actual
+    step in the ODE's variable (sigma_bar on VP grids, s with the velocity on flow grids; see
+    :class:`~steerdiff.samplers.base.AdamsBashforthScheduler`); "fixed" uses the classical equal-step weights, as
+    PLMS and the paper's code do, which are consistent beyond second order only on grids uniform in sigma_bar.
     """
 
+    _beta_weighted = False  # heavy ball averages the AB_r combination; the weights are plain Adams-Bashforth
+
     @schedule_options
-    def __init__(self, order: int = 4, beta: float = 0.8, **schedule_options):
+    def __init__(self, order: int = 4, beta: float = 0.8, adams_weights: str = "variable", warmup: str = "none", **schedule_options):
+        check_choice("adams_weights", adams_weights, ADAMS_WEIGHTS)
+        check_choice("warmup", warmup, WARMUPS)
         super().__init__(**schedule_options)
         self._momentum = MomentumState(beta, history_length=check_order(order))
+        self._weights = None
 
-    def _update(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        direction = plms_hb_direction(self._momentum, self._eps(i, model_output, sample), self.config.order)
-        return self._euler(i, sample, direction, model_output)
+    def _feed(self, derivative: torch.Tensor) -> None:
+        """A warm-up step's k1 enters the memory as a multistep value would."""
+        self._momentum.history.push(derivative)  # heavy ball starts with the first multistep direction
+
+    def _multistep(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        derivative = self._derivative(i, model_output, sample)
+        direction = plms_hb_direction(self._momentum, derivative, self.config.order, self._coefficients(i))
+        return self._advance(i, sample, direction, model_output)
 
 
 class HeavyBallDPMSolverScheduler(MomentumScheduler):

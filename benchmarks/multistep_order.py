@@ -1,0 +1,128 @@
+"""Measured orders of the Adams-Bashforth momentum samplers with fixed and with variable-step weights, and with
+their start, against the closed-form probability-flow ODE of a Gaussian (exact model, float64).
+
+For data N(mu, s0^2 I) the marginal at a noise level is N(alpha mu, (alpha^2 s0^2 + sigma^2) I) and the ODE maps
+x_T to x = alpha mu + sqrt(alpha^2 s0^2 + sigma^2) z with z = (x_T - alpha_T mu) / sqrt(alpha_T^2 s0^2 + sigma_T^2),
+so the sample at sigma = 0 is mu + s0 z exactly.  The network is the exact eps (VP, diffusers' DDPM linear betas) or
+velocity (flow, FlowMatchEuler shift 1 / 3) of that Gaussian (:class:`~steerdiff.testbeds.mixture.GaussianMixtureDenoiser`
+with one component).  Grids: VP ``trailing`` and ``linspace`` (integer timesteps from t = 999) and flow sigmas from
+s = 1 as the Flux and SD3 pipelines pass them (``sigmas = linspace(1, 1 / N, N)``, shifted by the scheduler), all
+ending at sigma = 0.  (``set_timesteps(N)`` alone on a flow scheduler ends with a jump from a fixed sigma_min,
+0.0089 at shift 3, to 0 whatever N is: one step that does not shrink, which puts a floor under every solver's error.)  The error is the largest per-sample L2 error at the end; the order is the
+least-squares slope of log error against log N.
+
+``--start exact`` replaces the first r - 1 steps by the exact flow (the history then holds exact eps at the true
+states), separating the error of the start from that of the weights; ``euler`` is the samplers' own start
+(lower-order Adams-Bashforth steps while the history fills); ``rk4`` the schedulers' ``warmup="rk4"``
+(N steps then cost N + 3 (r - 1) network calls; the error is still reported against N).
+
+    python -m benchmarks.multistep_order                     # the README table (about a minute on one core)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+from steerdiff.samplers import GHVBScheduler, HeavyBallPLMSScheduler
+from steerdiff.testbeds.mixture import GaussianMixtureDenoiser
+
+F64 = torch.float64
+GRIDS = {
+    "VP trailing": ("vp", dict(timestep_spacing="trailing")),
+    "VP linspace": ("vp", dict(timestep_spacing="linspace")),
+    "flow shift 1": ("flow", dict(shift=1.0)),
+    "flow shift 3": ("flow", dict(shift=3.0)),
+}
+METHODS = {
+    "PLMS-2": lambda w: dict(cls=GHVBScheduler, order=2, beta=1.0, adams_weights=w),
+    "PLMS-3": lambda w: dict(cls=GHVBScheduler, order=3, beta=1.0, adams_weights=w),
+    "PLMS-4": lambda w: dict(cls=GHVBScheduler, order=4, beta=1.0, adams_weights=w),
+    "GHVB 2.5": lambda w: dict(cls=GHVBScheduler, momentum_number=2.5, adams_weights=w),
+    "GHVB 3.8": lambda w: dict(cls=GHVBScheduler, momentum_number=3.8, adams_weights=w),
+    "PLMS-4 + HB 0.8": lambda w: dict(cls=HeavyBallPLMSScheduler, order=4, beta=0.8, adams_weights=w),
+}
+STEPS = (20, 40, 80, 160)
+
+
+def gaussian(kind: str, s0: float = 0.5, dim: int = 16):
+    config = (FlowMatchEulerDiscreteScheduler() if kind == "flow" else DDPMScheduler(clip_sample=False)).config
+    mu = torch.linspace(-0.8, 0.8, dim, dtype=F64).reshape(1, 1, 4, 4)
+    model = GaussianMixtureDenoiser.from_components(mu, torch.full((1, 1, 4, 4), s0**2, dtype=F64), scheduler_config=config)
+    return config, model, mu, s0
+
+
+def exact_state(sched, i: int, x_t: torch.Tensor, mu, s0) -> torch.Tensor:
+    """The exact ODE state at grid point i from x_T at point 0."""
+    g = sched.grid
+    a0, s_0 = float(g.alpha[0]), float(g.sigma[0])
+    z = (x_t - a0 * mu) / np.sqrt(a0**2 * s0**2 + s_0**2)
+    a, s = float(g.alpha[i]), float(g.sigma[i])
+    return a * mu + np.sqrt(a**2 * s0**2 + s**2) * z
+
+
+def exact_timestep(sched, i: int, t: torch.Tensor) -> torch.Tensor:
+    """T s at call i, from the scheduler's float64 noise level: flow timesteps are float32 (as diffusers'), and a
+    network that reads s = t / T from them sees s rounded to float32, an error floor near 1e-6 that is not the
+    solver's."""
+    stages = getattr(sched, "_stages", None)
+    n, stage = (i, 0) if stages is None else stages[i]
+    n, stage = (n, 0) if stage is None else (n, stage)
+    s = sched.grid.sigma[n] if stage == 0 else sched.grid.sigma[n + 1] if stage == 3 else sched._mids[n][1]
+    return (s * sched.config.num_train_timesteps).to(F64)
+
+
+def final_error(spec: dict, kind: str, grid_kwargs: dict, steps: int, start: str = "euler", batch: int = 4) -> float:
+    config, model, mu, s0 = gaussian(kind)
+    spec = dict(spec)
+    cls = spec.pop("cls")
+    if start == "rk4":
+        spec["warmup"] = "rk4"
+    sched = cls.from_config(config, **grid_kwargs, **spec)
+    if kind == "flow":  # the sigmas Flux / SD3-style pipelines pass (shifted by the scheduler), ending at s = 0
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps))
+    else:
+        sched.set_timesteps(steps)
+    x_t = torch.randn(batch, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x = x_t.clone()
+    exact_until = (sched.config.order - 1) if start == "exact" else 0
+    for i, t in enumerate(sched.timesteps):
+        out = model(x, exact_timestep(sched, i, t) if kind == "flow" else t.to(F64)).sample
+        x = sched.step(out, t, x).prev_sample
+        if i < exact_until:
+            x = exact_state(sched, i + 1, x_t, mu, s0)  # the history keeps eps at exact states
+    return float((x - (mu + s0 * (x_t - float(sched.grid.alpha[0]) * mu) /
+                       np.sqrt(float(sched.grid.alpha[0]) ** 2 * s0**2 + float(sched.grid.sigma[0]) ** 2))).flatten(1).norm(dim=1).max())
+
+
+def order(errors, steps=STEPS) -> float:
+    return -float(np.polyfit(np.log(steps), np.log(errors), 1)[0])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--start", choices=("euler", "exact", "rk4"), nargs="+", default=["euler", "exact", "rk4"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    args = p.parse_args(argv)
+    print("| method | weights | start | " + " | ".join(GRIDS) + f" | error N = {STEPS[-1]} ({list(GRIDS)[0]}) |")
+    print("|---|---|---|" + "---|" * (len(GRIDS) + 1))
+    for name in args.methods:
+        for weights in ("fixed", "variable"):
+            for start in args.start:
+                cells, last = [], None
+                for grid, (kind, kw) in GRIDS.items():
+                    try:
+                        errors = [final_error(METHODS[name](weights), kind, kw, n, start) for n in STEPS]
+                    except ValueError:  # warmup="rk4" on flow grids integrates in s: variable weights only
+                        cells.append("-")
+                        continue
+                    cells.append(f"{order(errors):.2f}")
+                    last = errors[-1] if last is None else last
+                print(f"| {name} | {weights} | {start} | " + " | ".join(cells) + f" | {last:.2e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
