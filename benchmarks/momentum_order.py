@@ -34,18 +34,19 @@ from steerdiff.samplers import GHVBScheduler, HeavyBallDPMSolverScheduler, Heavy
 from steerdiff.testbeds import fit_digits_mixture
 
 END = dict(final_sigmas_type="sigma_min")
+FIXED = dict(END, adams_weights="fixed")  # the paper's equal-step weights, what the README's table measured
 METHODS = {
-    "DDIM (GHVB 1)": lambda: GHVBScheduler(momentum_number=1, **END),
-    "PLMS4 (GHVB 4)": lambda: GHVBScheduler(momentum_number=4, **END),
-    "PLMS4 + HB 0.9": lambda: HeavyBallPLMSScheduler(order=4, beta=0.9, **END),
-    "PLMS4 + HB 0.8": lambda: HeavyBallPLMSScheduler(order=4, beta=0.8, **END),
+    "DDIM (GHVB 1)": lambda: GHVBScheduler(momentum_number=1, **FIXED),
+    "PLMS4 (GHVB 4)": lambda: GHVBScheduler(momentum_number=4, **FIXED),
+    "PLMS4 + HB 0.9": lambda: HeavyBallPLMSScheduler(order=4, beta=0.9, **FIXED),
+    "PLMS4 + HB 0.8": lambda: HeavyBallPLMSScheduler(order=4, beta=0.8, **FIXED),
     "DPM-Solver++ 2M": lambda: HeavyBallDPMSolverScheduler(beta=1.0, **END),
     "DPM-Solver++ 2M + HB 0.8": lambda: HeavyBallDPMSolverScheduler(beta=0.8, **END),
-    "GHVB 0.5": lambda: GHVBScheduler(momentum_number=0.5, **END),
-    "GHVB 1.5": lambda: GHVBScheduler(momentum_number=1.5, **END),
-    "GHVB 2.5": lambda: GHVBScheduler(momentum_number=2.5, **END),
-    "GHVB 3.5": lambda: GHVBScheduler(momentum_number=3.5, **END),
-    "GHVB 3.8": lambda: GHVBScheduler(momentum_number=3.8, **END),
+    "GHVB 0.5": lambda: GHVBScheduler(momentum_number=0.5, **FIXED),
+    "GHVB 1.5": lambda: GHVBScheduler(momentum_number=1.5, **FIXED),
+    "GHVB 2.5": lambda: GHVBScheduler(momentum_number=2.5, **FIXED),
+    "GHVB 3.5": lambda: GHVBScheduler(momentum_number=3.5, **FIXED),
+    "GHVB 3.8": lambda: GHVBScheduler(momentum_number=3.8, **FIXED),
 }
 ADAMS_BASHFORTH_FAMILY = [name for name in METHODS if "DPM" not in name]
 STEPS = {"linspace": [10, 20, 40, 80, 160, 320, 640], "lambda": [10, 20, 40, 80, 160, 320, 640],

@@ -58,6 +58,29 @@ def dpmpp_2m_data(d0: torch.Tensor, d1: torch.Tensor, r0) -> torch.Tensor:
     return d0 + expand_to(0.5 / r0, d0) * (d0 - d1)
 
 
+def dpmpp_3m_data(d0: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, lam_2, lam_1, lam_0, lam_t) -> torch.Tensor:
+    """Third-order multistep combination of data predictions (DPM-Solver++ 3M, Lu et al. 2022, as diffusers'
+    ``multistep_dpm_solver_third_order_update``), written as the single data term of :func:`exponential_step`:
+
+        h = lambda_t - lambda_0,  r0 = (lambda_0 - lambda_1) / h,  r1 = (lambda_1 - lambda_2) / h,
+        D1_0 = (D_0 - D_1) / r0,  D1_1 = (D_1 - D_2) / r1,
+        D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),  D2 = (D1_0 - D1_1) / (r0 + r1),
+        x_t = (sigma_t / sigma_0) x + alpha_t (1 - e^{-h}) [D_0 + phi_1 D1 - phi_2 D2],
+        phi_1 = ((e^{-h} - 1) / h + 1) / (1 - e^{-h}),  phi_2 = ((e^{-h} - 1 + h) / h^2 - 1/2) / (1 - e^{-h}).
+
+    D_0 is the newest prediction (at lambda_0), D_2 the oldest.
+    """
+    h = lam_t - lam_0
+    r0, r1 = (lam_0 - lam_1) / h, (lam_1 - lam_2) / h
+    d1_0, d1_1 = (d0 - d1) / expand_to(r0, d0), (d1 - d2) / expand_to(r1, d0)
+    first = d1_0 + expand_to(r0 / (r0 + r1), d0) * (d1_0 - d1_1)
+    second = (d1_0 - d1_1) / expand_to(r0 + r1, d0)
+    e = torch.exp(-h)
+    phi_1 = ((e - 1) / h + 1) / (1 - e)
+    phi_2 = ((e - 1 + h) / h**2 - 0.5) / (1 - e)
+    return d0 + expand_to(phi_1, d0) * first - expand_to(phi_2, d0) * second
+
+
 def dpmpp_2m_first_order(step_index: int, num_steps: int, lower_order_final: bool, ends_clean: bool) -> bool:
     """Whether DPM-Solver++ 2M takes its first-order step here, with diffusers' rule.
 

@@ -28,6 +28,7 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
@@ -37,6 +38,7 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "deis": ("DEISMultistepScheduler", {}),
     "plms_hb": ("HeavyBallPLMSScheduler", {}),
     "dpmpp_2m_hb": ("HeavyBallDPMSolverScheduler", {}),
+    "dpmpp_3m_hb": ("HeavyBallDPMSolverScheduler", {"solver_order": 3}),
     "ghvb": ("GHVBScheduler", {}),
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
@@ -119,7 +121,7 @@ def make_scheduler(name: str, base_config: Any = None, **kwargs: Any) -> Schedul
     if family == "flow" and target == "vp":
         raise ValueError(
             f"{cls.__name__} integrates VP schedules only, but the model's scheduler config is flow matching "
-            f"({source.get('_class_name', 'flow keys')}); use a steerdiff scheduler (plms_hb, dpmpp_2m_hb, ghvb), "
+            f"({source.get('_class_name', 'flow keys')}); use a steerdiff scheduler (plms_hb, dpmpp_2m_hb, dpmpp_3m_hb, ghvb), "
             "FlowMatchEulerDiscreteScheduler / FlowMatchHeunDiscreteScheduler, or DPMSolverMultistepScheduler / "
             "UniPCMultistepScheduler / DEISMultistepScheduler (built in their flow mode)"
         )
