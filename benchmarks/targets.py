@@ -25,7 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
-MOMENTUM_PREFIXES = ("PLMS4-HB", "DPM-Solver++-HB", "GHVB")
+MOMENTUM_PREFIXES = ("PLMS4-HB", "DPM-Solver++-HB", "UniPC-HB", "GHVB")
 HB_BASE = {"PLMS4-HB": "PNDM (PLMS)", "DPM-Solver++-HB": "DPM-Solver++ 2M"}
 
 

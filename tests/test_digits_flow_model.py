@@ -141,3 +141,16 @@ def test_momentum_comparison_configs_plan(name, tmp_path):
     assert rk4[10] == 4 and rk4[4] == 1  # 4 steps + 6 warm-up calls; one RK4 step
     weights = {p.scheduler.config.get("adams_weights") for p in plans if "GHVB" in p.cell.scheduler.display}
     assert weights == {"fixed", "variable"}
+
+
+@pytest.mark.parametrize("name", ["momentum_hb_solvers_vp", "momentum_hb_solvers_flow"])
+def test_heavy_ball_solver_configs_plan(name, tmp_path):
+    from steerdiff.benchmark import BenchmarkConfig
+    from steerdiff.benchmark.runner import prepare
+    from steerdiff.config import load_config
+
+    cfg = load_config(BenchmarkConfig, f"configs/benchmark/{name}.yaml", [f"output_dir={tmp_path}", "device=cpu"])
+    plans = prepare(cfg, torch.device("cpu"))
+    assert {type(p.scheduler).__name__ for p in plans} == {"DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                                                          "HeavyBallDPMSolverScheduler", "HeavyBallUniPCScheduler"}
+    assert not any(p.skip_reason for p in plans)

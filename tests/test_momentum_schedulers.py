@@ -64,7 +64,10 @@ PUBLIC_CONFIGS = [SD15_PNDM, SD15_DDIM, SD15_EULER, SD15_DPM, SD21_DDIM_V, SDXL_
 
 
 def run(scheduler, model, x, num_inference_steps=None, timesteps=None):
-    scheduler.set_timesteps(num_inference_steps, timesteps=timesteps)
+    if timesteps is None:
+        scheduler.set_timesteps(num_inference_steps)  # UniPC's set_timesteps takes no timesteps=
+    else:
+        scheduler.set_timesteps(num_inference_steps, timesteps=timesteps)
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, t.expand(x.shape[0])), t, x).prev_sample
     return x
@@ -606,3 +609,79 @@ def test_heavy_ball_dpm_solver_3m_with_beta_below_1_is_first_order():
     make3 = lambda: HeavyBallDPMSolverScheduler(beta=1.0, solver_order=3, final_sigmas_type="sigma_min")  # noqa: E731
     # the base solver: between 2 and 3 here (its first-order first step, as in diffusers, caps the global order at 2)
     assert _measured_order(make3, "lambda") > 1.8
+
+
+# -- heavy ball on UniPC -----------------------------------------------------------------------------------------------
+from diffusers import UniPCMultistepScheduler  # noqa: E402
+
+from steerdiff.samplers import HeavyBallUniPCScheduler  # noqa: E402
+
+
+UNIPC_CASES = [(order, kind, steps, final, spacing) for order, kind in ((1, "bh2"), (2, "bh2"), (3, "bh2"), (2, "bh1"), (3, "bh1"))
+               for steps, final, spacing in ((6, "zero", "linspace"), (12, "zero", "trailing"), (20, "sigma_min", "linspace"))
+               if not (kind == "bh1" and final == "zero")]  # diffusers' bh1 ends in NaN there: see the next test
+
+
+@pytest.mark.parametrize("order,solver_type,steps,final,spacing", UNIPC_CASES)
+def test_heavy_ball_unipc_at_beta_1_is_diffusers_unipc(order, solver_type, steps, final, spacing):
+    options = dict(SD_BETAS, timestep_spacing=spacing, final_sigmas_type=final, solver_order=order, solver_type=solver_type)
+    ref = UniPCMultistepScheduler(**options)
+    model, x = gaussian(), x_T()
+    expected = run(ref, model, x, steps)
+    got = run(HeavyBallUniPCScheduler(beta=1.0, **options), model, x, steps)
+    assert (got - expected).abs().max() < 5e-6  # diffusers' float32 sigma table (see the 3M test)
+
+
+def test_unipc_bh1_ending_at_sigma_0_is_finite_where_diffusers_is_not():
+    """diffusers' bh1 multiplies B(h) = -h = -inf by a zero correction on the last step (sigma = 0): NaN.  Our data
+    form skips the empty correction, so the run ends finite, equal to diffusers' bh1 up to that last step."""
+    options = dict(SD_BETAS, final_sigmas_type="zero", solver_order=2, solver_type="bh1")
+    model, x = gaussian(), x_T()
+    assert bool(torch.isnan(run(UniPCMultistepScheduler(**options), model, x, 6)).any())
+    assert bool(torch.isfinite(run(HeavyBallUniPCScheduler(beta=1.0, **options), model, x, 6)).all())
+
+
+def test_heavy_ball_unipc_corrector_keeps_its_own_velocity():
+    """beta < 1 changes the run; with the corrector switched off after every step the run is predictor-only, and its
+    predictor velocity is the same one (the corrector never writes into it)."""
+    model, x = gaussian(), x_T()
+    base = dict(SD_BETAS, solver_order=2)
+    hb = run(HeavyBallUniPCScheduler(beta=0.8, **base), model, x, 10)
+    plain = run(HeavyBallUniPCScheduler(beta=1.0, **base), model, x, 10)
+    assert (hb - plain).abs().max() > 1e-3
+    no_corr = HeavyBallUniPCScheduler(beta=0.8, disable_corrector=list(range(10)), **base)
+    ref_no_corr = UniPCMultistepScheduler(disable_corrector=list(range(10)), **base)
+    assert (run(HeavyBallUniPCScheduler(beta=1.0, disable_corrector=list(range(10)), **base), model, x, 10)
+            - run(ref_no_corr, model, x, 10)).abs().max() < 5e-6
+    sched = no_corr
+    sched.set_timesteps(10)
+    y = x
+    for t in sched.timesteps:
+        y = sched.step(model(y, t.expand(4)), t, y).prev_sample
+    assert sched._corrector.velocity is None  # the corrector never ran, the predictor's u did all the averaging
+    assert sched._momentum.velocity is not None
+
+
+@pytest.mark.parametrize("beta", [0.9, 0.8, 0.5])
+def test_heavy_ball_unipc_with_beta_below_1_is_first_order(beta):
+    make = lambda: HeavyBallUniPCScheduler(beta=beta, solver_order=2, final_sigmas_type="sigma_min")  # noqa: E731
+    assert 0.8 < _measured_order(make, "lambda") < 1.2
+
+
+def test_heavy_ball_unipc_on_flow_at_beta_1_is_diffusers_flow_unipc():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from benchmarks.multistep_order import gaussian as flow_gaussian
+
+    _, model, _, _ = flow_gaussian("flow")
+    ref = make_scheduler("unipc", FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    ref.set_timesteps(12)
+    ours = make_scheduler("unipc_hb", FlowMatchEulerDiscreteScheduler(shift=1.0).config, beta=1.0)
+    ours.set_timesteps(sigmas=ref.sigmas[:-1].double().numpy())
+    outs = []
+    for sched, sigmas in ((ref, ref.sigmas.double()), (ours, ours.grid.sigma_host)):
+        x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        for i, t in enumerate(sched.timesteps):
+            x = sched.step(model(x, sigmas[i] * 1000).sample, t, x).prev_sample
+        outs.append(x)
+    assert (outs[0] - outs[1]).abs().max() < 1e-6

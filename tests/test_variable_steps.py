@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.multistep_order import GRIDS, METHODS, final_error
 from steerdiff.core.multistep import adams_bashforth_coefficients, variable_adams_bashforth_coefficients
-from steerdiff.samplers import GHVBScheduler, HeavyBallPLMSScheduler
+from steerdiff.samplers import GHVBScheduler
 
 F64 = torch.float64
 

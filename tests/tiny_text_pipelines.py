@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -23,16 +22,8 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from tests.tiny_flow_pipelines import _kl_vae
 from tests.tiny_pipelines import _text_config, tiny_sd_pipeline, tiny_tokenizer
-
-
-def _flow_vae(latent_channels: int) -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5035,
-    ).eval()
 
 
 def _clip(with_projection: bool):
@@ -48,7 +39,7 @@ def tiny_sd3_text() -> StableDiffusion3Pipeline:
         caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
     )
     return StableDiffusion3Pipeline(
-        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flow_vae(4),
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(4).eval(),
         text_encoder=_clip(True), tokenizer=tiny_tokenizer(), text_encoder_2=_clip(True), tokenizer_2=tiny_tokenizer(),
         text_encoder_3=None, tokenizer_3=None,
     )
@@ -64,7 +55,7 @@ def tiny_flux_text() -> FluxPipeline:
     t5 = T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
     return FluxPipeline(
         transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
-        vae=_flow_vae(1), text_encoder=_clip(False), tokenizer=tiny_tokenizer(), text_encoder_2=t5,
+        vae=_kl_vae(1).eval(), text_encoder=_clip(False), tokenizer=tiny_tokenizer(), text_encoder_2=t5,
         tokenizer_2=tiny_tokenizer(),
     )
 

@@ -81,6 +81,53 @@ def dpmpp_3m_data(d0: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, lam_2, l
     return d0 + expand_to(phi_1, d0) * first - expand_to(phi_2, d0) * second
 
 
+def unipc_data(newest: torch.Tensor, older: list[torch.Tensor], lam_older: list, lam_0, lam_t, order: int,
+               solver_type: str = "bh2", corrected: torch.Tensor | None = None) -> torch.Tensor:
+    """UniPC's data term (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
+    Diffusion Models"; diffusers' ``multistep_uni_p_bh_update`` / ``multistep_uni_c_bh_update`` with
+    ``predict_x0``), written as the single data term D of :func:`exponential_step` from lambda_0 to lambda_t:
+
+        h = lambda_t - lambda_0,  r_k = (lambda_k - lambda_0) / h,  D1_k = (m_k - m_0) / r_k  (k = 1 .. order - 1),
+        B(h) = -h (bh1) or e^{-h} - 1 (bh2),  phi_1 = e^{-h} - 1,  g_1 = phi_1 / (-h) - 1,  g_{i+1} = g_i / (-h) - 1 / (i+1)!,
+        R_{ik} = r_k^{i-1},  b_i = g_i i! / B(h)  (i = 1 .. order),
+        predictor:  rho = R[:-1, :-1]^{-1} b[:-1]  (1/2 at order 2),    D = m_0 + (B(h) / phi_1) sum_k rho_k D1_k,
+        corrector:  rho = R^{-1} b  (1/2 at order 1),  D = m_0 + (B(h) / phi_1) [sum_k rho_k D1_k + rho_last (m_t - m_0)],
+
+    with ``corrected`` = m_t, the data prediction at the predicted point, for the corrector (the rows of R then
+    include r = 1 for it).  ``newest`` is m_0, ``older`` the m_k newest first with their lambdas ``lam_older``.
+    """
+    h = lam_t - lam_0
+    hh = -h
+    phi_1 = torch.expm1(hh)
+    if solver_type == "bh1":
+        b_h = hh
+    elif solver_type == "bh2":
+        b_h = torch.expm1(hh)
+    else:
+        raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
+    rks = [(lam - lam_0) / h for lam in lam_older[: order - 1]]
+    d1s = [(m - newest) / expand_to(r, newest) for m, r in zip(older[: order - 1], rks)]
+    rks_all = torch.stack(rks + [torch.ones_like(h)])
+    rows, rhs, g, factorial = [], [], phi_1 / hh - 1, 1
+    for i in range(1, order + 1):
+        rows.append(rks_all ** (i - 1))
+        rhs.append(g * factorial / b_h)
+        factorial *= i + 1
+        g = g / hh - 1 / factorial
+    R, b = torch.stack(rows), torch.stack(rhs)
+    scale = expand_to(b_h / phi_1, newest)  # 1 for bh2
+    if corrected is None:
+        if not d1s:
+            return newest
+        rho = torch.full((1,), 0.5, dtype=h.dtype, device=h.device) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+        return newest + scale * sum(expand_to(rho[k], newest) * d for k, d in enumerate(d1s))
+    rho = torch.full((1,), 0.5, dtype=h.dtype, device=h.device) if order == 1 else torch.linalg.solve(R, b)
+    res = expand_to(rho[-1], newest) * (corrected - newest)
+    for k, d in enumerate(d1s):
+        res = res + expand_to(rho[k], newest) * d
+    return newest + scale * res
+
+
 def dpmpp_2m_first_order(step_index: int, num_steps: int, lower_order_final: bool, ends_clean: bool) -> bool:
     """Whether DPM-Solver++ 2M takes its first-order step here, with diffusers' rule.
 

@@ -16,7 +16,7 @@ import torch
 from ..core.grid import check_choice
 from ..core.momentum import MomentumState, check_order, plms_hb_direction
 from ..core.multistep import ADAMS_WEIGHTS, WARMUPS
-from ..core.steps import dpmpp_2m_data, dpmpp_3m_data
+from ..core.steps import dpmpp_2m_data, dpmpp_3m_data, unipc_data
 from .base import AdamsBashforthScheduler, MomentumScheduler, schedule_options
 
 
@@ -98,3 +98,59 @@ class HeavyBallDPMSolverScheduler(MomentumScheduler):
             combined = self._momentum.average(dpmpp_3m_data(data, previous[0], previous[1], lam[i - 2], lam[i - 1], lam[i], lam[i + 1]))
         previous.push(data)
         return grid.exponential(i, sample, combined)
+
+
+class HeavyBallUniPCScheduler(MomentumScheduler):
+    """UniPC (Zhao et al. 2023; predictor UniP and corrector UniC on data predictions, B(h) ``bh1`` / ``bh2``) with
+    heavy-ball momentum on the predictor and on the corrector, each its own velocity:
+
+        predictor at step n (order p):  u_n = (1 - beta) u_{n-1} + beta D^P_n,   x^P_{n+1} = E_n(x_n, u_n),
+        corrector at the next call:     w_n = (1 - beta) w_{n-1} + beta D^C_n,   x_{n+1} = E_n(x_n, w_n),
+
+    where D^P / D^C are the data terms of :func:`~steerdiff.core.steps.unipc_data` and E_n the exponential step from
+    lambda_n to lambda_{n+1}.  The corrector's velocity w is separate from the predictor's u, so correcting a step
+    never rewrites the predictor's momentum (the official code's UniPC + HB does: its corrector averages into the
+    velocity the predictor has just updated).  First-order predictor steps (the first, and the last under
+    ``lower_order_final``) are plain and leave u alone, as for DPM-Solver++ + HB.  As in diffusers, the corrector is
+    applied when the model output at the predicted point arrives (the next ``step()``), except after the steps listed
+    in ``disable_corrector``; the last step is not corrected.  ``beta=1`` is diffusers' UniPCMultistepScheduler
+    (``predict_x0``, the same ``solver_order``, ``solver_type``, ``lower_order_final``) on the same grid.
+    """
+
+    @schedule_options
+    def __init__(self, beta: float = 0.8, solver_order: int = 2, solver_type: str = "bh2", lower_order_final: bool = True,
+                 disable_corrector: list | None = None, **schedule_options):
+        if solver_order not in (1, 2, 3):
+            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
+        if solver_type not in ("bh1", "bh2"):
+            raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
+        super().__init__(**schedule_options)
+        self._momentum = MomentumState(beta, history_length=solver_order)  # the predictor's u and the data history
+        self._corrector = MomentumState(beta, history_length=1)  # the corrector's w
+        self._last = None  # (step, x_n, order) of the predictor step waiting for its correction
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
+                      mu: float | None = None) -> None:
+        super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
+        self._corrector.reset()
+        self._last = None
+        self._lams: list = []
+
+    def _update(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        grid, c = self._grid, self.config
+        data = self._data(i, model_output, sample)
+        history = self._momentum.history  # data predictions m_{i-1}, m_{i-2}, ... (newest first)
+        lam = grid.lam
+        if self._last is not None:
+            n, x_n, order = self._last
+            if n not in (c.disable_corrector or []):
+                d = unipc_data(history[0], list(history)[1:], [lam[n - k] for k in range(1, order)], lam[n], lam[n + 1],
+                               order, c.solver_type, corrected=data)
+                sample = grid.exponential(n, x_n, self._corrector.average(d))
+        history.push(data)
+        n_steps = grid.num_steps
+        order = min(c.solver_order, n_steps - i) if c.lower_order_final else c.solver_order
+        order = min(order, len(history))
+        d = unipc_data(data, list(history)[1:], [lam[i - k] for k in range(1, order)], lam[i], lam[i + 1], order, c.solver_type)
+        self._last = (i, sample, order)
+        return grid.exponential(i, sample, d if order == 1 else self._momentum.average(d))

@@ -39,6 +39,7 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "plms_hb": ("HeavyBallPLMSScheduler", {}),
     "dpmpp_2m_hb": ("HeavyBallDPMSolverScheduler", {}),
     "dpmpp_3m_hb": ("HeavyBallDPMSolverScheduler", {"solver_order": 3}),
+    "unipc_hb": ("HeavyBallUniPCScheduler", {}),
     "ghvb": ("GHVBScheduler", {}),
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
@@ -121,7 +122,7 @@ def make_scheduler(name: str, base_config: Any = None, **kwargs: Any) -> Schedul
     if family == "flow" and target == "vp":
         raise ValueError(
             f"{cls.__name__} integrates VP schedules only, but the model's scheduler config is flow matching "
-            f"({source.get('_class_name', 'flow keys')}); use a steerdiff scheduler (plms_hb, dpmpp_2m_hb, dpmpp_3m_hb, ghvb), "
+            f"({source.get('_class_name', 'flow keys')}); use a steerdiff scheduler (plms_hb, dpmpp_2m_hb, dpmpp_3m_hb, unipc_hb, ghvb), "
             "FlowMatchEulerDiscreteScheduler / FlowMatchHeunDiscreteScheduler, or DPMSolverMultistepScheduler / "
             "UniPCMultistepScheduler / DEISMultistepScheduler (built in their flow mode)"
         )
