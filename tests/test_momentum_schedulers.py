@@ -12,9 +12,9 @@ from test_core import GaussianData
 from test_momentum_core import digest_direction
 
 from steerdiff.core import NoiseSchedule, sample_plms, to_eps, with_final
-from steerdiff.samplers import GHVBScheduler, HeavyBallDPMSolverScheduler, HeavyBallPLMSScheduler, make_scheduler
+from steerdiff.samplers import GHVBScheduler, HeavyBallDPMSolverScheduler, HeavyBallPLMSScheduler, HeavyBallUniPCScheduler, make_scheduler
 
-SCHEDULERS = [HeavyBallPLMSScheduler, HeavyBallDPMSolverScheduler, GHVBScheduler]
+SCHEDULERS = [HeavyBallPLMSScheduler, HeavyBallDPMSolverScheduler, GHVBScheduler, HeavyBallUniPCScheduler]
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 # Scheduler configs of public models, as their repositories ship them (stable-diffusion-v1-5, stable-diffusion-2-1,
@@ -613,8 +613,6 @@ def test_heavy_ball_dpm_solver_3m_with_beta_below_1_is_first_order():
 
 # -- heavy ball on UniPC -----------------------------------------------------------------------------------------------
 from diffusers import UniPCMultistepScheduler  # noqa: E402
-
-from steerdiff.samplers import HeavyBallUniPCScheduler  # noqa: E402
 
 
 UNIPC_CASES = [(order, kind, steps, final, spacing) for order, kind in ((1, "bh2"), (2, "bh2"), (3, "bh2"), (2, "bh1"), (3, "bh1"))

@@ -122,6 +122,9 @@ class HeavyBallUniPCScheduler(MomentumScheduler):
                  disable_corrector: list | None = None, **schedule_options):
         if solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
+        if solver_type in ("midpoint", "heun", "logrho"):  # a DPM-Solver config's solver_type: bh2, as diffusers' UniPC reads it
+            solver_type = "bh2"
+            self.register_to_config(solver_type=solver_type)
         if solver_type not in ("bh1", "bh2"):
             raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
         super().__init__(**schedule_options)
