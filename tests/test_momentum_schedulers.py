@@ -628,6 +628,14 @@ def test_heavy_ball_unipc_at_beta_1_is_diffusers_unipc(order, solver_type, steps
     expected = run(ref, model, x, steps)
     got = run(HeavyBallUniPCScheduler(beta=1.0, **options), model, x, steps)
     assert (got - expected).abs().max() < 5e-6  # diffusers' float32 sigma table (see the 3M test)
+    ref.set_timesteps(steps)  # with that table upcast, to 1e-6 (diffusers' step still rounds the sample to float32)
+    ac = ref.alphas_cumprod.double()
+    last = torch.zeros(1, dtype=torch.float64) if final == "zero" else torch.sqrt((1 - ac[:1]) / ac[:1])
+    ref.sigmas = torch.cat([torch.sqrt((1 - ac) / ac)[ref.timesteps.long()], last])
+    y = x
+    for t in ref.timesteps:
+        y = ref.step(model(y, t.expand(y.shape[0])), t, y).prev_sample
+    assert (got - y).abs().max() < 1e-6
 
 
 def test_unipc_bh1_ending_at_sigma_0_is_finite_where_diffusers_is_not():
