@@ -80,6 +80,8 @@ class Spec(StrictModel):
         if isinstance(data, dict) and "scale" in data:
             data = dict(data)
             scale = data.pop("scale")
+            if scale is None:  # an unset scale (as configs written before the shorthand stored it)
+                return data
             kwargs = dict(data.get("kwargs") or {})
             if "scale" in kwargs:
                 raise ValueError("scale is given twice, beside the name and in kwargs; give it once")

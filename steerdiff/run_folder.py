@@ -105,11 +105,14 @@ class RunFolderLock:
             self._file.close()
 
 
-def claim_run_folder(root: str | Path, config: Mapping, overwrite: bool = False, ignore: Iterable[str] = ()) -> RunFolderLock:
+def claim_run_folder(root: str | Path, config: Mapping, overwrite: bool = False, ignore: Iterable[str] = (),
+                     normalize=None) -> RunFolderLock:
     """Lock ``root`` for this process and make it hold ``config`` (see the module docstring).
 
     With ``overwrite`` a folder of another config takes this one.  ``ignore``: config keys that do not change
-    results (progress bars, the overwrite flag itself)."""
+    results (progress bars, the overwrite flag itself).  ``normalize``: maps the stored config to the current
+    config format (defaults filled, shorthands expanded) before comparing, so that a folder written by an earlier
+    version of the same config is still recognised; a stored config it cannot read is compared as stored."""
     root = check_writable_folder(root)
     root.mkdir(parents=True, exist_ok=True)
     lock = RunFolderLock(root)
@@ -120,6 +123,11 @@ def claim_run_folder(root: str | Path, config: Mapping, overwrite: bool = False,
                 old = yaml.safe_load(path.read_text()) or {}
             except yaml.YAMLError:
                 old = None
+            if isinstance(old, Mapping) and normalize is not None:
+                try:
+                    old = normalize(old)
+                except ValueError:
+                    pass
             diff = ["<config.yaml unreadable>"] if not isinstance(old, Mapping) else config_differences(old, config, ignore)
             if diff and not overwrite:
                 raise RunFolderError(

@@ -224,3 +224,24 @@ def test_config_errors_name_the_entry(tmp_path, tiny_model_dir, capsys, override
     assert main(["benchmark", "--config", str(config), override]) == 2
     assert message.replace("MODEL", str(tiny_model_dir)) in capsys.readouterr().err
     assert not (tmp_path / "run" / "cells").exists()  # nothing was sampled
+
+
+def test_a_run_folder_written_in_the_older_config_format_is_recognised(tmp_path):
+    """Configs stored before the one spec type (scale beside the name, no label / prompts keys) still match."""
+    import yaml
+
+    from steerdiff.run_folder import RunFolderError, claim_run_folder
+
+    cfg = load_config(BenchmarkConfig, "configs/benchmark/guidance.yaml", [f"output_dir={tmp_path}"])
+    old = cfg.model_dump()
+    old["guidance"] = [{"name": g.name, "scale": g.kwargs.get("scale"), "label": g.label,
+                        "kwargs": {k: v for k, v in g.kwargs.items() if k != "scale"}} for g in cfg.guidance]
+    for m in old["models"]:
+        for key in ("prompts", "negative_prompts", "height", "width", "call_kwargs"):
+            m.pop(key)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    current = lambda stored: BenchmarkConfig.model_validate(stored).model_dump()  # noqa: E731
+    claim_run_folder(tmp_path, cfg.model_dump(), normalize=current).release()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**old, "nfe": [5]}))
+    with pytest.raises(RunFolderError, match="differs in nfe"):
+        claim_run_folder(tmp_path, cfg.model_dump(), normalize=current)

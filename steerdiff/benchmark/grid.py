@@ -120,7 +120,7 @@ class Cell:
     @property
     def metrics_key(self) -> str:
         """Identifies how the samples are scored: the metric entries and their networks' weights."""
-        return stable_hash([[m.model_dump() for m in self.metrics], list(self.metric_fingerprints)])
+        return stable_hash([[m.model_dump(exclude={"label"}) for m in self.metrics], list(self.metric_fingerprints)])
 
     @property
     def cell_id(self) -> str:
@@ -140,7 +140,7 @@ class Cell:
             "num_samples": self.num_samples,
             "classes": list(self.classes),
             "batch_size": self.batch_size,
-            "metrics_spec": [m.model_dump() for m in self.metrics],
+            "metrics_spec": [m.model_dump(exclude={"label"}) for m in self.metrics],
         }
 
 

@@ -397,7 +397,9 @@ def run_benchmark(cfg: BenchmarkConfig, shard: Shard | None = None) -> list[dict
     folder = RunFolder(check_writable_folder(cfg.output_dir))
     plans = prepare(cfg, device)
     # the config is valid: one process per folder, one config per folder, checked (and locked) before any sampling
-    lock = claim_run_folder(folder.root, cfg.model_dump(), cfg.overwrite, ignore=RESULT_NEUTRAL_KEYS) if shard.is_main else None
+    current = lambda stored: BenchmarkConfig.model_validate(stored).model_dump()  # noqa: E731 (older formats)
+    lock = (claim_run_folder(folder.root, cfg.model_dump(), cfg.overwrite, ignore=RESULT_NEUTRAL_KEYS, normalize=current)
+            if shard.is_main else None)
     try:
         return _run(cfg, shard, device, folder, plans)
     finally:
