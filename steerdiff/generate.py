@@ -50,7 +50,7 @@ class GenerateConfig(StrictModel):
     guidance: Spec | None = Field(default_factory=lambda: Spec(name="cfg", scale=3.0))  # null: the pipeline's default
     steps: int = Field(25, ge=1)
     # class-conditional models
-    classes: list[int] | None = None          # null: every class of the model (0..9 for the digits)
+    classes: list[int] | None = None          # null: every class of the model (0..9 for the digits; up to 16)
     samples_per_class: int = Field(8, ge=1)
     # text-to-image pipelines
     prompts: list[str] | str | None = None    # a list, or the path of a .txt (one per line) / .jsonl file
@@ -315,7 +315,10 @@ class Item:
 def plan_items(cfg: GenerateConfig, kind: PipelineKind, num_classes: int | None) -> tuple[list[Item], int]:
     """The images in grid order, and the grid's number of rows."""
     if kind.kind == "class":
-        classes = cfg.classes if cfg.classes is not None else list(range(min(num_classes or 10, 10)))
+        if cfg.classes is None and (num_classes is None or num_classes > 16):
+            many = f"has {num_classes} classes" if num_classes else "does not say how many classes it has"
+            raise ConfigError(f"classes: model {cfg.model!r} {many}; give the class ids to draw, e.g. classes=[207, 360]")
+        classes = cfg.classes if cfg.classes is not None else list(range(num_classes))
         if num_classes is not None:
             bad = [c for c in classes if not 0 <= c < num_classes]
             if bad:
@@ -368,6 +371,17 @@ def plan_guidance(spec: Spec | None, kind: PipelineKind) -> GuidancePlan:
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise ConfigError(f"guidance: {err}") from None
     return GuidancePlan({key: CFG_ON}, rule=rule, negative_default="" if true_cfg else None)
+
+
+def _num_classes(pipe) -> int | None:
+    """Classes of a class-conditional pipeline: steerdiff's (its null class id), DiT's (num_embeds_ada_norm)."""
+    from .pipelines.class_conditional import ClassConditionalPipeline, null_class_id
+
+    if isinstance(pipe, ClassConditionalPipeline):
+        return null_class_id(pipe.unet)
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    value = getattr(getattr(denoiser, "config", None), "num_embeds_ada_norm", None)
+    return int(value) if value else None
 
 
 def _settings(cfg: GenerateConfig, item: Item) -> dict[str, Any]:
@@ -464,9 +478,7 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
         items, rows = plan_items(cfg, kind, None)
     pipe = load_generation_pipeline(cfg, cls, model_folder)
     if kind.kind == "class":  # the model says how many classes it has
-        from .pipelines.class_conditional import null_class_id
-
-        items, rows = plan_items(cfg, kind, null_class_id(pipe.unet))
+        items, rows = plan_items(cfg, kind, _num_classes(pipe))
     if cfg.scheduler is not None:
         try:
             pipe.scheduler = make_scheduler(cfg.scheduler.name, pipe.scheduler.config, **cfg.scheduler.kwargs)

@@ -162,3 +162,16 @@ def test_a_rerun_reuses_the_batches_an_earlier_run_finished(folders, tmp_path, c
     assert all(np.array_equal(first[i], _pixels(tmp_path / "g" / f"{i:05d}.png")) for i in range(4))
     assert main([*args[:-2], "steps=4", args[-1]]) == 0  # other settings: nothing is reused
     assert "reused" not in capsys.readouterr().out
+
+
+def test_a_diffusers_class_conditional_pipeline_takes_classes_and_a_rule(tmp_path, capsys, one_thread):
+    """DiT (diffusers' own class-conditional pipeline, 1,000 classes): classes must be given; APG goes in by guide()."""
+    from tests.tiny_pipelines import tiny_dit_pipeline
+
+    tiny_dit_pipeline().save_pretrained(tmp_path / "dit", safe_serialization=True)
+    base = ["generate", f"model={tmp_path / 'dit'}", "steps=3", f"output={tmp_path / 'g.png'}"]
+    assert main(base) == 2
+    assert "has 1000 classes; give the class ids to draw" in capsys.readouterr().err
+    assert main([*base, "classes=[1, 2]", "samples_per_class=2", "guidance.name=apg", "guidance.kwargs.scale=3"]) == 0
+    labels = [json.loads(line)["class_label"] for line in (tmp_path / "g" / "manifest.jsonl").read_text().splitlines()]
+    assert labels == [1, 1, 2, 2]

@@ -17,10 +17,11 @@ DESCRIPTION = (
 
 # name -> (help, --config help, whether --config is required, override example)
 SUBCOMMANDS = {
-    "generate": ("sample an image grid (class x seed) from a class-conditional model",
+    "generate": ("sample images from the embedded digits model or any local diffusers pipeline (prompts, classes, "
+                 "img2img), with any scheduler and guidance rule",
                  "YAML config (default: built-in defaults = configs/generate/digits.yaml)", False,
-                 "steps=50 scheduler.name=ddim"),
-    "benchmark": ("sample quality (FD, precision/recall, divergence, ...) against NFE over a grid",
+                 "steps=50 scheduler.name=ddim guidance.name=apg"),
+    "benchmark": ("sample quality (FD / FID, CLIP score, divergence, ...) against NFE over a grid",
                   "YAML config, e.g. configs/benchmark/baselines.yaml", True, "num_samples=100 output_dir=runs/quick"),
     "restore": ("degrade images, restore them (MCG, DPS, projection, plain) and score",
                 "YAML config, e.g. configs/restore/box.yaml", True, "data.num_images=50 sampler.steps=50"),
