@@ -581,17 +581,18 @@ def test_heavy_ball_dpm_solver_3m_at_beta_1_is_diffusers_3m(prediction_type, spa
     assert (got - y).abs().max() < 1e-6
 
 
-def test_heavy_ball_dpm_solver_3m_on_flow_at_beta_1_is_diffusers_flow_3m():
-    """Flow mode: diffusers' DPM-Solver++ 3M with flow sigmas (shift 3) and ours on the same sigmas (passed as the
-    pipeline would, to a shift-1 config), the exact Gaussian velocity evaluated at each scheduler's own sigma."""
+@pytest.mark.parametrize("theirs,ours_name", [("dpmpp_3m", "dpmpp_3m_hb"), ("unipc", "unipc_hb")])
+def test_heavy_ball_solvers_on_flow_at_beta_1_are_diffusers_flow_mode(theirs, ours_name):
+    """Flow mode: diffusers' DPM-Solver++ 3M / UniPC with flow sigmas (shift 3) and ours on the same sigmas (passed as
+    the pipeline would, to a shift-1 config), the exact Gaussian velocity evaluated at each scheduler's own sigma."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from benchmarks.multistep_order import gaussian as flow_gaussian
 
     _, model, _, _ = flow_gaussian("flow")
-    ref = make_scheduler("dpmpp_3m", FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    ref = make_scheduler(theirs, FlowMatchEulerDiscreteScheduler(shift=3.0).config)
     ref.set_timesteps(12)
-    ours = make_scheduler("dpmpp_3m_hb", FlowMatchEulerDiscreteScheduler(shift=1.0).config, beta=1.0)
+    ours = make_scheduler(ours_name, FlowMatchEulerDiscreteScheduler(shift=1.0).config, beta=1.0)
     ours.set_timesteps(sigmas=ref.sigmas[:-1].double().numpy())
     assert torch.allclose(ours.grid.sigma_host, ref.sigmas.double())
     outs = []
@@ -672,22 +673,3 @@ def test_heavy_ball_unipc_corrector_keeps_its_own_velocity():
 def test_heavy_ball_unipc_with_beta_below_1_is_first_order(beta):
     make = lambda: HeavyBallUniPCScheduler(beta=beta, solver_order=2, final_sigmas_type="sigma_min")  # noqa: E731
     assert 0.8 < _measured_order(make, "lambda") < 1.2
-
-
-def test_heavy_ball_unipc_on_flow_at_beta_1_is_diffusers_flow_unipc():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from benchmarks.multistep_order import gaussian as flow_gaussian
-
-    _, model, _, _ = flow_gaussian("flow")
-    ref = make_scheduler("unipc", FlowMatchEulerDiscreteScheduler(shift=3.0).config)
-    ref.set_timesteps(12)
-    ours = make_scheduler("unipc_hb", FlowMatchEulerDiscreteScheduler(shift=1.0).config, beta=1.0)
-    ours.set_timesteps(sigmas=ref.sigmas[:-1].double().numpy())
-    outs = []
-    for sched, sigmas in ((ref, ref.sigmas.double()), (ours, ours.grid.sigma_host)):
-        x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        for i, t in enumerate(sched.timesteps):
-            x = sched.step(model(x, sigmas[i] * 1000).sample, t, x).prev_sample
-        outs.append(x)
-    assert (outs[0] - outs[1]).abs().max() < 1e-6
