@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from ..core.grid import check_choice
-from ..core.momentum import MomentumState, check_order, ghvb_direction, order_and_beta
-from ..core.multistep import ADAMS_WEIGHTS, WARMUPS
+from ..core.momentum import MomentumState, check_order, ghvb_direction, order_and_beta, steady_state_velocity_weights
+from ..core.multistep import ADAMS_WEIGHTS, WARMUPS, adams_bashforth
 from .base import AdamsBashforthScheduler, schedule_options
 
 
@@ -32,6 +32,10 @@ class GHVBScheduler(AdamsBashforthScheduler):
     on VP grids, s with the velocity on flow grids), with the beta weighting derived in
     :mod:`steerdiff.core.multistep` (equal to the paper's on a uniform grid); "fixed" uses the paper's equal-step
     weights in sigma_bar on every grid, as its code does.
+
+    With ``warmup="rk4"`` the velocities at the Runge-Kutta start's nodes are then set to the steady state a long
+    running average would hold (:func:`~steerdiff.core.momentum.steady_state_velocity_weights`) instead of
+    starting at v_0 = eps_0, which otherwise caps GHVB with beta < 1 at order 2.
 
     ``momentum_number`` m in (0, 4], when given, sets ``order = ceil(m)`` and ``beta = m - (order - 1)``
     (overriding ``order`` and ``beta``, which the config then records).
@@ -52,10 +56,33 @@ class GHVBScheduler(AdamsBashforthScheduler):
     _beta_weighted = True
 
     def _feed(self, derivative: torch.Tensor) -> None:
-        """A warm-up step's k1 enters the memory as a multistep value would."""
+        """A warm-up step's k1 enters the memory as a multistep value would (and is kept for the velocity's start)."""
+        self._warm.append(derivative)
         self._momentum.history.push(self._momentum.average(derivative))
 
     def _multistep(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         derivative = self._derivative(i, model_output, sample)
+        if self._stages is not None and i == len(self._warm) and self._momentum.beta < 1.0:
+            return self._advance(i, sample, self._steady_start(i, derivative), model_output)
         direction = ghvb_direction(self._momentum, derivative, self.config.order, self._coefficients(i))
         return self._advance(i, sample, direction, model_output)
+
+    def _steady_start(self, i: int, derivative: torch.Tensor) -> torch.Tensor:
+        """After the Runge-Kutta start: the velocities at its nodes set to their steady state
+        (:func:`~steerdiff.core.momentum.steady_state_velocity_weights`), then the first multistep direction."""
+        values = self._warm + [derivative]
+        grid = self._grid
+        nodes = (grid.sigma_host if self._in_s else grid.sigma_bar_host)[: len(values)].tolist()
+        weights = steady_state_velocity_weights(nodes, self._momentum.beta)
+        velocities = [sum(w * f for w, f in zip(row, values)) for row in weights]
+        history = self._momentum.history
+        history.reset()
+        for v in velocities:
+            history.push(v)
+        self._momentum.velocity = velocities[-1]
+        return adams_bashforth(history, self.config.order, self._momentum.beta, coefficients=self._coefficients(i))
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
+                      mu: float | None = None) -> None:
+        super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
+        self._warm = []
