@@ -33,9 +33,11 @@ class GHVBScheduler(AdamsBashforthScheduler):
     :mod:`steerdiff.core.multistep` (equal to the paper's on a uniform grid); "fixed" uses the paper's equal-step
     weights in sigma_bar on every grid, as its code does.
 
-    With ``warmup="rk4"`` the velocities at the Runge-Kutta start's nodes are then set to the steady state a long
-    running average would hold (:func:`~steerdiff.core.momentum.steady_state_velocity_weights`) instead of
-    starting at v_0 = eps_0, which otherwise caps GHVB with beta < 1 at order 2.
+    With ``warmup="rk4"`` on flow grids (variable weights, in s) the velocities at the Runge-Kutta start's nodes are
+    then set to the steady state a long-running average would hold
+    (:func:`~steerdiff.core.momentum.steady_state_velocity_weights`) instead of starting at v_0 = eps_0, which
+    otherwise caps GHVB with beta < 1 at order 2.  Not on VP grids: continuing them backwards in sigma_bar from its
+    first, very long step extrapolates far outside the data, and at few steps that start measured much worse.
 
     ``momentum_number`` m in (0, 4], when given, sets ``order = ceil(m)`` and ``beta = m - (order - 1)``
     (overriding ``order`` and ``beta``, which the config then records).
@@ -62,7 +64,7 @@ class GHVBScheduler(AdamsBashforthScheduler):
 
     def _multistep(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         derivative = self._derivative(i, model_output, sample)
-        if self._stages is not None and i == len(self._warm) and self._momentum.beta < 1.0:
+        if self._stages is not None and i == len(self._warm) and self._momentum.beta < 1.0 and self._in_s:
             return self._advance(i, sample, self._steady_start(i, derivative), model_output)
         direction = ghvb_direction(self._momentum, derivative, self.config.order, self._coefficients(i))
         return self._advance(i, sample, direction, model_output)
