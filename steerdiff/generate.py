@@ -376,11 +376,11 @@ def plan_guidance(spec: Spec | None, kind: PipelineKind) -> GuidancePlan:
 def _num_classes(pipe) -> int | None:
     """Classes of a class-conditional pipeline: steerdiff's (its null class id), DiT's (num_embeds_ada_norm)."""
     from .pipelines.class_conditional import ClassConditionalPipeline, null_class_id
+    from .pipelines.hooks import main_denoiser
 
     if isinstance(pipe, ClassConditionalPipeline):
         return null_class_id(pipe.unet)
-    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    value = getattr(getattr(denoiser, "config", None), "num_embeds_ada_norm", None)
+    value = getattr(main_denoiser(pipe).config, "num_embeds_ada_norm", None)
     return int(value) if value else None
 
 

@@ -10,15 +10,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _first_tensor(obj) -> torch.Tensor:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if hasattr(obj, "sample"):
-        return obj.sample
-    if isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], torch.Tensor):
-        return obj[0]
-    raise TypeError(f"cannot find the output tensor in a {type(obj).__name__}")
+from ..pipelines.hooks import output_tensor
 
 
 class NetworkProbe:
@@ -34,7 +26,7 @@ class NetworkProbe:
 
     def _hook(self, module, args, kwargs, output) -> None:
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))  # UNets / transformers
-        out = _first_tensor(output)
+        out = output_tensor(output)
         self.calls += 1
         self.rows += sample.shape[0]
         self._finite.append(torch.isfinite(sample).all() & torch.isfinite(out).all())

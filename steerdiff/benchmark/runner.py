@@ -66,7 +66,9 @@ class ModelPlan:
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        return getattr(self.pipe, "unet", None) or self.pipe.transformer
+        from ..pipelines.hooks import main_denoiser
+
+        return main_denoiser(self.pipe)
 
     def conditioning_key(self) -> str:
         if not self.is_text:
@@ -195,8 +197,9 @@ def _prepare_text_model(cfg: BenchmarkConfig, where: str, spec: ModelSpec, kind,
     if kind.takes("height"):
         call.update(height=h, width=w)
     shape = (3, h, w)
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    metrics = _metrics(cfg, where, spec, shape, denoiser)
+    from ..pipelines.hooks import main_denoiser
+
+    metrics = _metrics(cfg, where, spec, shape, main_denoiser(pipe))
     process, prediction_type = _process(where, pipe)
     return ModelPlan(spec, pipe, shape, list(range(len(prompts))), metrics, process, prediction_type,
                      torch_dtype(spec.dtype), kind, prompts, call)

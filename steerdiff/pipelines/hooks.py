@@ -73,7 +73,23 @@ _PATTERNS = {
     "separate": ("FluxPipeline", "QwenImagePipeline", "WanPipeline"),
 }
 SUPPORTED_PIPELINES = tuple(name for names in _PATTERNS.values() for name in names)
-_DENOISERS = ("unet", "transformer", "transformer_2")
+DENOISERS = ("unet", "transformer", "transformer_2")  # where diffusers pipelines keep their networks
+
+
+def main_denoiser(pipe) -> torch.nn.Module:
+    """The network a pipeline samples with first: its ``unet``, else its ``transformer``."""
+    return next(getattr(pipe, name) for name in DENOISERS if getattr(pipe, name, None) is not None)
+
+
+def output_tensor(output) -> torch.Tensor:
+    """The prediction in a network's output: the tensor itself, the first of a tuple, or ``.sample``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if isinstance(getattr(output, "sample", None), torch.Tensor):
+        return output.sample
+    raise TypeError(f"cannot find the output tensor in a {type(output).__name__}")
 
 
 @dataclass(frozen=True)
@@ -89,7 +105,7 @@ def _layout(pipe) -> _Layout:
     for name in mro:
         for pattern, names in _PATTERNS.items():
             if name in names:
-                denoisers = tuple(d for d in _DENOISERS if getattr(pipe, d, None) is not None)
+                denoisers = tuple(d for d in DENOISERS if getattr(pipe, d, None) is not None)
                 return _Layout(name, pattern, denoisers, rescale_to_cond_norm=name == "QwenImagePipeline")
     raise TypeError(
         f"guide() supports pipelines that run classifier-free guidance in one of diffusers' ways: "

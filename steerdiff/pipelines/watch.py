@@ -15,18 +15,7 @@ from contextlib import contextmanager
 import torch
 
 from ..core.nonfinite import NonFiniteWatch
-
-DENOISERS = ("unet", "transformer", "transformer_2")
-
-
-def _first_tensor(output):
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    sample = getattr(output, "sample", None)
-    return sample if isinstance(sample, torch.Tensor) else None
-
+from .hooks import DENOISERS, output_tensor
 
 @contextmanager
 def watch_nonfinite(pipe, mode: str = "auto", what: str = "the denoiser output"):
@@ -41,9 +30,7 @@ def watch_nonfinite(pipe, mode: str = "auto", what: str = "the denoiser output")
         if key is None or key != state["last_t"]:
             state["step"] += 1
             state["last_t"] = key
-        tensor = _first_tensor(output)
-        if tensor is not None:
-            watch.update(state["step"], tensor, timestep=t)
+        watch.update(state["step"], output_tensor(output), timestep=t)
 
     for name in DENOISERS:
         module = getattr(pipe, name, None)
