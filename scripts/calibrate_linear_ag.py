@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from steerdiff.guidance import CFG, LinearAG  # noqa: E402
+from steerdiff.pipelines.hooks import CFG_ON  # noqa: E402
 from steerdiff.pipelines.loading import load_pipeline  # noqa: E402
 from steerdiff.samplers.registry import make_scheduler  # noqa: E402
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             calls.append({
                 "class_labels": [s % n_classes for s in seeds],
                 "num_inference_steps": args.steps,
-                "guidance_scale": 2.0,  # turns the pipeline's CFG branch on; the rule sets the weight
+                "guidance_scale": CFG_ON,  # turns the pipeline's CFG branch on; the rule sets the weight
                 "generator": [torch.Generator().manual_seed(s) for s in seeds],
                 "output_type": "latent",
             })

@@ -41,7 +41,6 @@ from .devices import check_device
 from .run_folder import check_output_file, check_writable_folder
 
 PROMPT_SUFFIXES = (".txt", ".jsonl")
-CFG_ON = 2.0  # a pipeline's CFG switch under a rule (guide() sets the guidance; the value is not used)
 
 
 class GenerateConfig(StrictModel):
@@ -359,7 +358,7 @@ def plan_guidance(spec: Spec | None, kind: PipelineKind) -> GuidancePlan:
             raise ConfigError(f"guidance: cfg scale must be a finite number >= 0 or a weight-schedule mapping, got {scale!r}")
         return GuidancePlan({key: float(scale)}, negative_default="" if true_cfg and scale > 1 else None)
     from .guidance import get_rule
-    from .pipelines.hooks import SUPPORTED_PIPELINES
+    from .pipelines.hooks import CFG_ON, SUPPORTED_PIPELINES
 
     if kind.kind != "class" and not any(c.__name__ in SUPPORTED_PIPELINES for c in kind.cls.__mro__):
         raise ConfigError(

@@ -73,9 +73,9 @@ class RuleGuidance:
 
     @contextmanager
     def pipeline_call(self, pipe) -> Iterator[PipelineCall]:
-        from ..pipelines.hooks import guide
+        from ..pipelines.hooks import CFG_ON, guide
 
-        call = PipelineCall({"guidance_scale": 2.0})  # the CFG branch must run; the rule alone sets the guidance
+        call = PipelineCall({"guidance_scale": CFG_ON})  # the CFG branch must run; the rule alone sets the guidance
         with guide(pipe, self.rule, check_finite=False) as hook:
             yield call
         call.evaluations = hook.network_evaluations

@@ -74,6 +74,7 @@ _PATTERNS = {
 }
 SUPPORTED_PIPELINES = tuple(name for names in _PATTERNS.values() for name in names)
 DENOISERS = ("unet", "transformer", "transformer_2")  # where diffusers pipelines keep their networks
+CFG_ON = 2.0  # the guidance scale a pipeline is called with under guide(): its CFG branch must run, the rule guides
 
 
 def main_denoiser(pipe) -> torch.nn.Module:
