@@ -310,6 +310,11 @@ class Item:
     prompt: str | None = None
     negative_prompt: str | None = None
 
+    @property
+    def file(self) -> str:
+        """Its PNG's name in the images folder."""
+        return f"{self.index:05d}.png"
+
 
 def plan_items(cfg: GenerateConfig, kind: PipelineKind, num_classes: int | None) -> tuple[list[Item], int]:
     """The images in grid order, and the grid's number of rows."""
@@ -498,9 +503,9 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
 
     from .pipelines.hooks import guide
     from .pipelines.watch import watch_nonfinite
-
     from .run_folder import RunFolderLock
 
+    settings = {it.index: _settings(cfg, it) for it in items}
     folder.mkdir(parents=True, exist_ok=True)
     chunks, reused = [], 0
     with ExitStack() as stack, tqdm(total=len(items), desc="generate", unit="image", disable=not progress) as bar:
@@ -512,7 +517,7 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
             stack.enter_context(watch_nonfinite(pipe))
         for start in range(0, len(items), cfg.batch_size):
             part = items[start : start + cfg.batch_size]
-            done = [_finished_image(folder / f"{it.index:05d}.png", _settings(cfg, it)) for it in part]
+            done = [_finished_image(folder / it.file, settings[it.index]) for it in part]
             if all(d is not None for d in done):  # an interrupted run wrote these already: resume after them
                 chunks.append(np.stack(done))
                 reused += len(part)
@@ -538,14 +543,12 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
             if images.ndim == 3:
                 images = images[..., None]
             for it, img in zip(part, images):
-                settings = _settings(cfg, it)
-                path = folder / f"{it.index:05d}.png"
-                info = png_info(settings)
-                atomic_write(path, lambda tmp, im=to_pil(img), inf=info: im.save(tmp, format="PNG", pnginfo=inf))
+                info = png_info(settings[it.index])
+                atomic_write(folder / it.file, lambda tmp, im=to_pil(img), inf=info: im.save(tmp, format="PNG", pnginfo=inf))
             chunks.append(images)
             bar.update(len(part))
     images = np.concatenate(chunks)
-    manifest = "".join(json.dumps({"file": f"{it.index:05d}.png", **_settings(cfg, it)}, sort_keys=True) + "\n" for it in items)
+    manifest = "".join(json.dumps({"file": it.file, **settings[it.index]}, sort_keys=True) + "\n" for it in items)
     atomic_write_text(folder / "manifest.jsonl", manifest)
     upscale = cfg.upscale or (4 if min(images.shape[1:3]) < 32 else 1)
     grid = image_grid(images, rows=rows, upscale=upscale)

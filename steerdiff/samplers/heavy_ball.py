@@ -137,7 +137,6 @@ class HeavyBallUniPCScheduler(MomentumScheduler):
         super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
         self._corrector.reset()
         self._last = None
-        self._lams: list = []
 
     def _update(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         grid, c = self._grid, self.config
