@@ -118,9 +118,10 @@ def to_pil(image: np.ndarray) -> Image.Image:
 def check_steps(scheduler, steps: int) -> None:
     """Lay the grid out once before sampling: a scheduler that cannot take ``steps`` distinct steps (a discrete
     training schedule has num_train_timesteps of them) is an error now, not an IndexError mid-run."""
-    extra = {"mu": 1.0} if scheduler.config.get("use_dynamic_shifting") else {}  # the pipeline passes its own mu
+    from .samplers.registry import lay_out
+
     try:
-        scheduler.set_timesteps(steps, **extra)
+        lay_out(scheduler, steps)
     except (ValueError, IndexError) as err:
         raise ValueError(f"steps={steps}: {type(scheduler).__name__} cannot lay out that many steps ({err})") from None
     timesteps = scheduler.timesteps

@@ -62,11 +62,12 @@ def initial_noise(seed: int, start: int, stop: int, shape: tuple[int, ...], gene
 def steps_for_nfe(scheduler, nfe: int) -> int | None:
     """The ``num_inference_steps`` whose timestep grid has exactly ``nfe`` entries (one network call each in the
     sampling loop), found by trying them; None when no step count gives ``nfe`` (e.g. Heun's 2N - 1)."""
-    extra = {"mu": 1.0} if scheduler.config.get("use_dynamic_shifting") else {}  # mu shifts, never adds, steps
+    from ..samplers.registry import lay_out
+
     for steps in range(1, 2 * nfe + 2):
         trial = copy.deepcopy(scheduler)
         try:
-            trial.set_timesteps(steps, device="cpu", **extra)
+            lay_out(trial, steps, device="cpu")
         except (ValueError, IndexError, RuntimeError):
             continue
         if len(trial.timesteps) == nfe:

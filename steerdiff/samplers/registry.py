@@ -132,3 +132,10 @@ def make_scheduler(name: str, base_config: Any = None, **kwargs: Any) -> Schedul
         )
     extra = _flow_mode(cls, source, kwargs) if family == "flow" else {}
     return cls.from_config(base_config, **{**preset, **extra, **kwargs})
+
+
+def lay_out(scheduler, steps: int, device=None) -> None:
+    """``scheduler.set_timesteps(steps)`` outside a pipeline, to inspect the grid it makes: a scheduler with dynamic
+    shifting is given mu = 1 (a pipeline passes its own mu, which moves the timesteps but never changes their number)."""
+    extra = {"mu": 1.0} if scheduler.config.get("use_dynamic_shifting") else {}
+    scheduler.set_timesteps(steps, device=device, **extra)
