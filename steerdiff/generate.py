@@ -41,6 +41,9 @@ from .devices import check_device
 from .run_folder import check_output_file, check_writable_folder
 
 PROMPT_SUFFIXES = (".txt", ".jsonl")
+# pipeline call arguments set from their own config fields, never from call_kwargs
+CALL_FIELDS = frozenset({"prompt", "negative_prompt", "class_labels", "batch_size", "generator", "num_inference_steps",
+                         "output_type", "image", "mask_image", "strength", "height", "width"})
 
 
 class GenerateConfig(StrictModel):
@@ -290,8 +293,7 @@ def check_conditioning(cfg: GenerateConfig, kind: PipelineKind) -> None:
     unknown = sorted(k for k in cfg.call_kwargs if k not in kind.params)
     if unknown:
         raise ConfigError(f"call_kwargs: {kind.name} takes no {unknown}")
-    reserved = sorted(set(cfg.call_kwargs) & {"prompt", "negative_prompt", "class_labels", "generator", "num_inference_steps",
-                                               "output_type", "image", "mask_image", "strength", "height", "width"})
+    reserved = sorted(set(cfg.call_kwargs) & CALL_FIELDS)
     if reserved:
         raise ConfigError(f"call_kwargs: {reserved} are set from their own config fields")
     if cfg.attention == "xformers":
@@ -479,6 +481,9 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
     kind = pipeline_kind(cls)
     check_conditioning(cfg, kind)
     guidance = plan_guidance(cfg.guidance, kind)
+    clash = sorted(set(cfg.call_kwargs) & set(guidance.kwargs))
+    if clash:
+        raise ConfigError(f"call_kwargs: {clash} are set by guidance ({cfg.guidance.display}); give the weight there")
     if kind.kind != "class":  # prompt files and negatives checked before the weights are read
         items, rows = plan_items(cfg, kind, None)
     pipe = load_generation_pipeline(cfg, cls, model_folder)

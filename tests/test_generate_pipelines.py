@@ -85,7 +85,7 @@ def _write(path, text):
 
 @pytest.mark.parametrize("case", ["not_a_pipeline", "empty_prompts", "malformed_jsonl", "classes_for_text",
                                   "prompt_for_class", "image_for_text", "no_image_for_img2img", "unknown_call_kwarg",
-                                  "negatives_mismatch", "xformers_on_cpu"])
+                                  "negatives_mismatch", "xformers_on_cpu", "guidance_in_call_kwargs"])
 def test_errors_name_the_field_before_any_weights_are_read(case, folders, tmp_path, capsys, monkeypatch):
     import steerdiff.generate as generate_module
 
@@ -109,6 +109,8 @@ def test_errors_name_the_field_before_any_weights_are_read(case, folders, tmp_pa
         "negatives_mismatch": ([f"model={sd}", "prompts=[a, b, c]", "negative_prompts=[x, y]"],
                                "negative_prompts: give one, or one per prompt (3); got 2"),
         "xformers_on_cpu": ([f"model={sd}", "prompts=[a]", "attention=xformers"], "attention: xformers"),
+        "guidance_in_call_kwargs": ([f"model={sd}", "prompts=[a]", "call_kwargs.guidance_scale=1"],
+                                    "call_kwargs: ['guidance_scale'] are set by guidance (cfg 3)"),
     }[case]
     assert main(["generate", *args, out]) == 2
     assert message in capsys.readouterr().err

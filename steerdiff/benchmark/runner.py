@@ -181,8 +181,9 @@ def _prepare_text_model(cfg: BenchmarkConfig, where: str, spec: ModelSpec, kind,
     for key in ("height", "width"):
         if getattr(spec, key) is not None and not kind.takes(key):
             raise ConfigError(f"{where}: {key}: {kind.name} takes no {key}")
-    reserved = {"prompt", "negative_prompt", "generator", "num_inference_steps", "output_type", "latents",
-                "guidance_scale", "true_cfg_scale", "height", "width"}
+    from ..generate import CALL_FIELDS
+
+    reserved = CALL_FIELDS | {"latents", "guidance_scale", "true_cfg_scale"}  # the cell sets noise and guidance too
     bad = sorted(k for k in spec.call_kwargs if k not in kind.params or k in reserved)
     if bad:
         raise ConfigError(f"{where}: call_kwargs: {bad} are not arguments of {kind.name} the config may set "
