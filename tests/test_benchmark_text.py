@@ -151,3 +151,32 @@ def test_resume_after_a_kill(assets, tmp_path):
     assert f"{done_before} finished earlier and reused" in rerun.stdout
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["nfe"] for r in records) == [2, 3, 4] and all(r["status"] == "ok" for r in records)
+
+
+def test_text_metrics_refuse_bad_input(assets, tmp_path):
+    from steerdiff.metrics.features import reference_images
+    from steerdiff.metrics.registry import make_metric
+
+    with pytest.raises(ValueError, match="clip_score needs `model`: a local CLIP folder"):
+        make_metric("clip_score")
+    with pytest.raises(ValueError, match="holds a 't5' model, not a CLIP model"):
+        folder = tmp_path / "not_clip"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "t5"}))
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(1)}, str(folder / "model.safetensors"))
+        make_metric("clip_score", model=str(folder))
+    with pytest.raises(ValueError, match="clip_score needs RGB images"):
+        make_metric("clip_score", model=str(assets["root"] / "clip")).check((1, 8, 8))
+    with pytest.raises(ValueError, match="saturation needs RGB images"):
+        make_metric("saturation").check((1, 8, 8))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        reference_images(str(tmp_path / "empty"))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (8, 8)).save(mixed / "a.png")
+    Image.new("RGB", (9, 8)).save(mixed / "b.png")
+    with pytest.raises(ValueError, match="the images must share one size"):
+        reference_images(str(mixed))

@@ -78,6 +78,12 @@ def test_img2img_takes_an_image_and_strength(folders, tmp_path, one_thread):
     assert meta["image"] == str(picture) and meta["strength"] == 0.5
 
 
+def _write_index(folder):
+    (folder / "unknown").mkdir(exist_ok=True)
+    (folder / "unknown" / "model_index.json").write_text(json.dumps({"_class_name": "NoSuchPipeline"}))
+    return folder / "unknown"
+
+
 def _write(path, text):
     path.write_text(text)
     return path
@@ -85,7 +91,7 @@ def _write(path, text):
 
 @pytest.mark.parametrize("case", ["not_a_pipeline", "empty_prompts", "malformed_jsonl", "classes_for_text",
                                   "prompt_for_class", "image_for_text", "no_image_for_img2img", "unknown_call_kwarg",
-                                  "negatives_mismatch", "xformers_on_cpu", "guidance_in_call_kwargs"])
+                                  "negatives_mismatch", "xformers_on_cpu", "guidance_in_call_kwargs", "unknown_pipeline_class"])
 def test_errors_name_the_field_before_any_weights_are_read(case, folders, tmp_path, capsys, monkeypatch):
     import steerdiff.generate as generate_module
 
@@ -109,6 +115,8 @@ def test_errors_name_the_field_before_any_weights_are_read(case, folders, tmp_pa
         "negatives_mismatch": ([f"model={sd}", "prompts=[a, b, c]", "negative_prompts=[x, y]"],
                                "negative_prompts: give one, or one per prompt (3); got 2"),
         "xformers_on_cpu": ([f"model={sd}", "prompts=[a]", "attention=xformers"], "attention: xformers"),
+        "unknown_pipeline_class": ([f"model={_write_index(tmp_path)}", "prompts=[a]"],
+                                   "names pipeline class 'NoSuchPipeline', which diffusers"),
         "guidance_in_call_kwargs": ([f"model={sd}", "prompts=[a]", "call_kwargs.guidance_scale=1"],
                                     "call_kwargs: ['guidance_scale'] are set by guidance (cfg 3)"),
     }[case]

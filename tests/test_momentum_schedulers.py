@@ -358,6 +358,11 @@ def test_state_is_per_sample_and_on_the_samples_dtype(cls, dtype):
         (GHVBScheduler, dict(nonfinite_check="sometimes"), "nonfinite_check must be one of"),
         (GHVBScheduler, dict(steps_offset=-1), "steps_offset must be an integer >= 0"),
         (HeavyBallPLMSScheduler, dict(trained_betas=[0.01] * 10), "trained_betas has 10 entries"),
+        (HeavyBallPLMSScheduler, dict(adams_weights="uniform"), "adams_weights must be one of"),
+        (GHVBScheduler, dict(warmup="rk2"), "warmup must be one of"),
+        (HeavyBallUniPCScheduler, dict(solver_type="bh3"), "solver_type must be 'bh1' or 'bh2'"),
+        (HeavyBallUniPCScheduler, dict(solver_order=4), "solver_order must be 1, 2 or 3"),
+        (HeavyBallUniPCScheduler, dict(beta=0.0), r"beta must be a number in \(0, 1\]"),
     ],
 )
 def test_bad_options_are_rejected(cls, kwargs, match):
