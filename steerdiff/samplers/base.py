@@ -445,9 +445,7 @@ class AdamsBashforthScheduler(MomentumScheduler):
             self._feed(k)
         rk[stage] = k
         x = rk["x"]
-        if stage == 0:
-            return self._move(x, k, grid.point(n), self._mids[n])
-        if stage == 1:
+        if stage < 2:  # x_n + h/2 k1, x_n + h/2 k2: the midpoint stages
             return self._move(x, k, grid.point(n), self._mids[n])
         if stage == 2:
             return self._move(x, k, grid.point(n), grid.point(n + 1))
