@@ -1,6 +1,7 @@
 """The numerical core shared by every sampler, guidance rule and the adjoint."""
 
-from .denoiser import Denoiser, GuidanceState, Prediction, as_denoiser
+from .denoiser import Denoiser, Prediction, as_denoiser
+from .guidance_protocol import COND, UNCOND, GuidanceState, apply_rule
 from .flow import FlowMatchSchedule
 from .grid import Grid, make_grid, resolve_grid
 from .momentum import MomentumState, ghvb_direction, heavy_ball, order_and_beta, plms_hb_direction
@@ -17,7 +18,7 @@ from .tensors import batch_dot, batch_norm, check_finite, expand_to
 from .timesteps import TIMESTEP_SPACINGS, linspace_timesteps, spaced_timesteps, with_final
 
 __all__ = [
-    "Denoiser", "FlowMatchSchedule", "Grid", "GuidanceState", "NoiseProcess", "Prediction", "as_denoiser", "make_grid",
+    "COND", "UNCOND", "apply_rule", "Denoiser", "FlowMatchSchedule", "Grid", "GuidanceState", "NoiseProcess", "Prediction", "as_denoiser", "make_grid",
     "noise_process_family", "noise_process_from_config", "prediction_type_from_config", "resolve_grid",
     "BETA_SCHEDULES", "PREDICTION_TYPES", "SAMPLERS", "TIMESTEP_SPACINGS", "History", "MomentumState", "NoiseSchedule",
     "adams_bashforth", "adams_bashforth_coefficients", "ancestral_step", "batch_dot", "batch_norm",

@@ -16,9 +16,11 @@ adapts diffusers models.
 
 Guidance (``guidance``): a number w is classifier-free guidance g = u + w (c - u) (Ho & Salimans 2022, diffusers'
 convention; w = 1 runs the conditional branch alone), any object with the ``GuidanceRule`` interface
-(``rule(cond, uncond, state)``, ``uncond_needed(state)``, ``reset(timesteps)``; :mod:`steerdiff.guidance`) is
-applied on every evaluation with a :class:`GuidanceState`, and unconditional rows the rule does not need are not
-run.  ``network_calls`` / ``network_evaluations`` count the forward passes and the rows they ran.
+(``rule(cond, uncond, state)``, ``uncond_needed(state)`` or ``predictions_needed(state)``, ``reset(timesteps)``;
+:mod:`steerdiff.guidance`) is applied on every evaluation through :func:`~steerdiff.core.guidance_protocol.apply_rule`:
+rows the rule does not need are not run, and the perturbed predictions it declares (``rule.perturbations``) are
+evaluated under the network's own ``perturbed(perturbation)`` context (``ConditionedNetwork`` provides it for
+diffusers models).  ``network_calls`` / ``network_evaluations`` count the forward passes and the rows they ran.
 
 Noise levels.  alpha and sigma at t come from the process, unless the caller passes those of its grid (flow
 pipelines may give the network timesteps that differ from s T).  Non-finite outputs are caught when
@@ -34,126 +36,9 @@ from numbers import Real
 
 import torch
 
+from .guidance_protocol import COND, UNCOND, GuidanceState, Request, apply_rule
 from .prediction import check_prediction_type, convert_prediction, to_eps, to_x0
 from .process import NoiseProcess
-
-
-class GuidanceState:
-    """What a guidance rule may read about the current network evaluation (one per call of the network).
-
-    Args:
-        process: the model's noise process (VP :class:`~steerdiff.core.NoiseSchedule` or flow-matching
-            :class:`~steerdiff.core.FlowMatchSchedule`).
-        timestep: the timestep the network received: a number, a 0-d tensor or one per sample (B,).
-        sample: the network input x_t of the conditional samples (B, C, ...), guided channels only.
-        prediction_type: "epsilon", "v_prediction", "sample" or "flow_prediction".
-        step: index of this evaluation since the rule was last reset (0 at the first evaluation of a run).
-        active: bool (B,) or None; samples to guide (the others get the conditional prediction).
-        evaluated: bool (B,) or None; samples whose unconditional prediction came from the network.
-        alpha, sigma: the noise level of ``sample`` when the caller knows it from its grid (scalar or (B,));
-            None = the process at ``timestep``.
-
-    The derived per-sample quantities (float64, shape (B,), on the sample's device) are computed on first use:
-    ``timestep``, ``alpha``, ``sigma``, ``sigma_bar`` (= sigma / alpha, the EDM / Karras noise level) and
-    ``progress`` (noise-level progress in [0, 1]: 1 = pure noise, 0 = clean; t / (T - 1) on VP processes, the
-    flow noise level s on flow processes).
-    """
-
-    def __init__(
-        self,
-        process: NoiseProcess,
-        timestep,
-        sample: torch.Tensor,
-        prediction_type: str = "epsilon",
-        step: int = 0,
-        active: torch.Tensor | None = None,
-        evaluated: torch.Tensor | None = None,
-        alpha=None,
-        sigma=None,
-    ):
-        if (alpha is None) != (sigma is None):
-            raise ValueError("give both alpha and sigma, or neither")
-        self.process = process
-        self._raw_timestep = timestep
-        self.sample = sample
-        self.prediction_type = check_prediction_type(prediction_type)
-        self.step = int(step)
-        self.active = active
-        self.evaluated = evaluated
-        self._given_levels = None if alpha is None else (alpha, sigma)
-
-    @property
-    def schedule(self) -> NoiseProcess:
-        """The noise process (the name it had when only VP schedules existed)."""
-        return self.process
-
-    @property
-    def batch_size(self) -> int:
-        return self.sample.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.sample.device
-
-    def _per_sample(self, value) -> torch.Tensor:
-        if torch.is_tensor(value):
-            v = value.to(device=self.device, dtype=torch.float64).reshape(-1)
-        else:  # Python numbers: float64 directly, not through float32
-            v = torch.as_tensor(value, dtype=torch.float64, device=self.device).reshape(-1)
-        if v.numel() == 1:
-            return v.expand(self.batch_size)
-        if v.numel() != self.batch_size:
-            raise ValueError(f"expected a scalar or one value per sample ({self.batch_size}), got {v.numel()} values")
-        return v
-
-    @cached_property
-    def timestep(self) -> torch.Tensor:
-        return self._per_sample(self._raw_timestep)
-
-    @cached_property
-    def _alpha_sigma(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._given_levels is not None:
-            return self._per_sample(self._given_levels[0]), self._per_sample(self._given_levels[1])
-        return self.process.alpha_sigma(self.timestep)
-
-    @property
-    def alpha(self) -> torch.Tensor:
-        return self._alpha_sigma[0]
-
-    @property
-    def sigma(self) -> torch.Tensor:
-        return self._alpha_sigma[1]
-
-    @cached_property
-    def sigma_bar(self) -> torch.Tensor:
-        return self.sigma / self.alpha
-
-    @cached_property
-    def progress(self) -> torch.Tensor:
-        if self.process.kind == "flow" and self._given_levels is not None:
-            return self.sigma.clamp(0.0, 1.0)
-        return self.process.progress(self.timestep)
-
-    def replace(self, **changes) -> "GuidanceState":
-        """A copy with some of ``step``, ``active``, ``evaluated``, ``sample`` changed (derived values are kept
-        unless ``sample`` changes)."""
-        allowed = {"step", "active", "evaluated", "sample"}
-        unknown = set(changes) - allowed
-        if unknown:
-            raise ValueError(f"GuidanceState.replace accepts {sorted(allowed)}, got {sorted(unknown)}")
-        new = object.__new__(GuidanceState)
-        new.__dict__.update(self.__dict__)
-        if "sample" in changes:
-            for key in ("timestep", "_alpha_sigma", "sigma_bar", "progress"):
-                new.__dict__.pop(key, None)
-        new.__dict__.update(changes)
-        return new
-
-    def __repr__(self) -> str:
-        return (
-            f"GuidanceState(step={self.step}, batch={self.batch_size}, prediction_type={self.prediction_type!r}, "
-            f"timestep={self._raw_timestep!r})"
-        )
 
 
 class Prediction:
@@ -244,23 +129,29 @@ class Denoiser:
         self.network_calls = 0
         self.network_evaluations = 0
         self._step = 0
+        self._num_steps: int | None = None
 
     @classmethod
     def from_function(cls, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], process: NoiseProcess, prediction_type: str):
         """An unconditional, unguided boundary around ``fn(x, t) -> output``."""
         return cls(lambda x, t, cond: fn(x, t), process, prediction_type)
 
-    def reset(self, timesteps=None) -> None:
-        """Start a new sampling run: the evaluation counter (``GuidanceState.step``) and the rule's state."""
+    def reset(self, timesteps=None, num_steps: int | None = None) -> None:
+        """Start a new sampling run: the evaluation counter (``GuidanceState.step``) and the rule's state.
+        ``num_steps``: the number of evaluations of the run, for rules that act on a window of steps (default: the
+        number of ``timesteps``)."""
         self._step = 0
+        if num_steps is None and timesteps is not None:
+            num_steps = len(timesteps)
+        self._num_steps = num_steps
         if self.rule is not None:
             self.rule.reset(timesteps)
 
     # -- evaluation ----------------------------------------------------------------------------------
-    def _run(self, x, t, cond):
+    def _run(self, x, t, cond, network=None):
         self.network_calls += 1
         self.network_evaluations += x.shape[0]
-        return self.network(x, t, cond)
+        return (network or self.network)(x, t, cond)
 
     def _null(self, batch: int, device):
         return self.network.null(batch, device)
@@ -287,44 +178,58 @@ class Denoiser:
             self._finite(torch.cat([u, c]), k, t, batch)
             out = u + self.scale * (c - u)
         else:
-            out = self._apply_rule(x, t, cond, alpha, sigma, k)
+            state = GuidanceState(self.process, t, x, self.prediction_type, k, alpha=alpha, sigma=sigma,
+                                  num_steps=self._num_steps)
+            out = apply_rule(self.rule, state, lambda request: self._evaluate(x, t, cond, k, request))
+            if self.check_finite and not bool(torch.isfinite(out).all()):
+                self._raise(out, f"the guided prediction of {self.rule!r}", k, t, batch)
         if step is None:
             self._step += 1
         return out
 
-    def _apply_rule(self, x, t, cond, alpha, sigma, k):
+    def _evaluate(self, x, t, cond, k, request: Request) -> dict[str, torch.Tensor]:
+        """The rows ``request`` asks for: the conditional and unconditional ones in one call on [uncond rows; cond],
+        each perturbed prediction in a call of its own on the conditional inputs of its rows."""
         batch = x.shape[0]
-        state = GuidanceState(self.process, t, x, self.prediction_type, k, alpha=alpha, sigma=sigma)
-        need = self.rule.uncond_needed(state)
-        if need is None or need is True:
-            index = None
-        elif need is False:
-            index = torch.zeros(0, dtype=torch.long, device=x.device)
-        else:
-            mask = torch.as_tensor(need, device=x.device).to(torch.bool).reshape(-1).expand(batch)
-            index = torch.nonzero(mask).flatten()  # one host sync, for rules that can skip only
-            if index.numel() == batch:
-                index = None
+        index = request.rows[UNCOND]
         null = self._null(batch, x.device)
         if index is None:
             u, c = self._run(torch.cat([x, x]), torch.cat([t, t]), self._join(null, cond)).chunk(2)
             self._finite(torch.cat([u, c]), k, t, batch)
+            outputs = {COND: c, UNCOND: u}
         else:
             n = index.numel()
             out = self._run(torch.cat([x[index], x]), torch.cat([t[index], t]), self._join(_take(null, index), cond))
             self._finite(out, k, t, batch, index)
-            c = out[n:]
-            u = c.index_copy(0, index, out[:n])
-            evaluated = torch.zeros(batch, dtype=torch.bool, device=x.device).index_fill(0, index, True)
-            state = state.replace(evaluated=evaluated)
-        guided = self.rule(c, u, state)
-        if self.check_finite and not bool(torch.isfinite(guided).all()):
-            self._raise(guided, f"the guided prediction of {self.rule!r}", k, t, batch)
-        return guided
+            outputs = {COND: out[n:], UNCOND: out[:n]}
+        for name, rows in request.perturbed():
+            xs, ts, cs = (x, t, cond) if rows is None else (x[rows], t[rows], _take(cond, rows))
+            with self._perturbed_network(name, request.perturbations[name], x) as network:
+                outputs[name] = self._run(xs, ts, cs, network)
+            self._finite(outputs[name], k, t, batch, what=f"the perturbed prediction {name!r}", rows=rows)
+        return outputs
 
-    def _finite(self, out: torch.Tensor, k: int, t: torch.Tensor, batch: int, uncond_index=None) -> None:
+    def _perturbed_network(self, name: str, perturbation, x: torch.Tensor):
+        """The network's own ``perturbed(perturbation)`` context, giving the network to call for that prediction."""
+        perturbed = getattr(self.network, "perturbed", None)
+        if perturbed is None:
+            raise TypeError(
+                f"{self.rule!r} needs the perturbed prediction {name!r} ({perturbation!r}), but the network "
+                f"{type(self.network).__name__} cannot be perturbed: wrap a diffusers model with "
+                "steerdiff.pipelines.conditioning.denoiser_for"
+            )
+        return perturbed(perturbation, spatial=tuple(x.shape[-2:]) if x.ndim == 4 else None)
+
+    def _finite(self, out: torch.Tensor, k: int, t: torch.Tensor, batch: int, uncond_index=None,
+                what: str = "the network output", rows=None) -> None:
         if self.check_finite and not bool(torch.isfinite(out).all()):
-            self._raise(out, "the network output", k, t, batch, uncond_index)
+            if rows is not None:  # a perturbed prediction of some samples: count those samples
+                bad = torch.zeros(batch, dtype=torch.bool, device=out.device)
+                bad[rows] = ~torch.isfinite(out.flatten(1)).all(dim=1)
+                raise FloatingPointError(
+                    f"{what} holds NaN/Inf at evaluation {k} (timestep {float(t[0]):g}) in {int(bad.sum())} of {batch} samples"
+                )
+            self._raise(out, what, k, t, batch, uncond_index)
 
     def _raise(self, out: torch.Tensor, what: str, k: int, t: torch.Tensor, batch: int, uncond_index=None) -> None:
         """Name the evaluation, the timestep and how many samples (not rows of a CFG batch) went bad."""

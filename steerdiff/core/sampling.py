@@ -28,7 +28,7 @@ from .steps import dpmpp_2m_data
 def _setup(model, x: torch.Tensor, process: NoiseProcess, timesteps, prediction_type):
     grid = timesteps if isinstance(timesteps, Grid) else make_grid(process, timesteps, device=x.device)
     denoiser = as_denoiser(model, process, prediction_type)
-    denoiser.reset(grid.timesteps)
+    denoiser.reset(grid.timesteps, num_steps=grid.num_steps)
     return grid, denoiser
 
 

@@ -1,7 +1,9 @@
 """Guidance rules that combine the conditional and unconditional predictions of one network evaluation.
 
 Weight convention (diffusers'): g = u + w (c - u); w = 1 is conditional only.  Rules: :class:`CFG`,
-:class:`APG`, :class:`CFGRescale`, :class:`CFGZeroStar`; wrappers: :class:`GuidanceInterval`,
+:class:`APG`, :class:`APGMix`, :class:`CFGRescale`, :class:`CFGZeroStar`, :class:`TCFG`, :class:`FDG`,
+:class:`MagnitudeAwareGuidance`; with perturbed predictions (:mod:`.perturbations`): :class:`PAG`, :class:`SEG`,
+:class:`SLG`, :class:`AutoGuidance`; wrappers: :class:`GuidanceInterval`,
 :class:`AdaptiveGuidance`, :class:`LinearAG`; weight schedules of the noise level usable as any rule's
 ``scale``.  For inverse problems, :class:`MCG` and :class:`DPS` (:mod:`.manifold`) with the measurement
 operators of :mod:`.operators`.  Use the guidance rules in a diffusers pipeline with :func:`steerdiff.pipelines.guide`, in a modular pipeline with
@@ -9,10 +11,16 @@ operators of :mod:`.operators`.  Use the guidance rules in a diffusers pipeline 
 """
 
 from .adaptive import AdaptiveGuidance, LinearAG, cosine_similarity
-from .apg import APG, project
+from .apg import APG, APGMix, project
+from .autoguidance import AutoGuidance
 from .base import GuidanceRule, GuidanceState
 from .cfg import CFG, CFGRescale, CFGZeroStar
+from .fdg import FDG
 from .interval import GuidanceInterval
+from .magnitude import MagnitudeAwareGuidance
+from .perturbations import AttentionIdentity, Perturbation, QueryBlur, SkipLayers, WeakModel
+from .perturbed import PAG, SEG, SLG, PerturbedGuidance
+from .tcfg import TCFG
 from .manifold import DPS, MCG, ProjectionOnly, Unconditional  # inverse problems
 from .registry import RULES, get_rule, get_schedule
 from .schedules import (
@@ -36,6 +44,8 @@ __all__ = [
     "LambdaShape", "Linear", "LinearAG", "PowerCosine", "Sine", "VShape", "WeightSchedule", "cosine_similarity",
     "get_rule", "get_schedule", "project",
 ]
+__all__ += ["APGMix", "AutoGuidance", "FDG", "MagnitudeAwareGuidance", "PAG", "PerturbedGuidance", "SEG", "SLG", "TCFG"]
+__all__ += ["AttentionIdentity", "Perturbation", "QueryBlur", "SkipLayers", "WeakModel"]  # perturbed predictions
 __all__ += ["DPS", "MCG", "ProjectionOnly", "Unconditional"]  # inverse problems
 __all__ += ["RuleGuider", "modular"]
 

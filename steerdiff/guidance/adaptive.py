@@ -28,7 +28,8 @@ import torch
 
 from ..core.prediction import PREDICTION_TYPES
 from ..core.tensors import batch_dot, batch_norm
-from .base import GuidanceRule, GuidanceState, and_masks, check_scalar, from_space, mask_like, to_space
+from ..core.guidance_protocol import UNCOND
+from .base import GuidanceRule, GuidanceState, and_masks, check_scalar, from_space, mask_like, restrict_needs, to_space
 
 LINEAR_AG_FEATURES = ("cond", "cond_prev", "uncond_prev", "bias")
 LINEAR_AG_FORMAT = "steerdiff.guidance.LinearAG"
@@ -77,8 +78,16 @@ class AdaptiveGuidance(GuidanceRule):
         """bool (B,): the samples still guided in this run (None before the first evaluation)."""
         return self._guiding
 
+    @property
+    def perturbations(self) -> dict:
+        return self.rule.perturbations
+
     def uncond_needed(self, state):
         return and_masks(self._guiding, self.rule.uncond_needed(state))
+
+    def predictions_needed(self, state):
+        """Converged samples need neither the unconditional nor any perturbed prediction of ``rule``."""
+        return restrict_needs(self.rule.predictions_needed(state), self._guiding)
 
     def __call__(self, cond, uncond, state):
         guiding = self._guiding
@@ -133,8 +142,15 @@ class _Recorder(GuidanceRule):
             self.runs.append((torch.stack(t), torch.stack(c), torch.stack(u)))
         self._current = []
 
+    @property
+    def perturbations(self) -> dict:
+        return self.rule.perturbations
+
     def uncond_needed(self, state):
         return None
+
+    def predictions_needed(self, state):
+        return {name: None for name in (UNCOND, *self.rule.perturbations)}
 
     def __call__(self, cond, uncond, state):
         if state.evaluated is not None:
@@ -199,8 +215,19 @@ class LinearAG(GuidanceRule):
             )
         return bool(self.skip[state.step])
 
+    @property
+    def perturbations(self) -> dict:
+        return self.rule.perturbations
+
     def uncond_needed(self, state):
         return False if self._skipped(state) else self.rule.uncond_needed(state)
+
+    def predictions_needed(self, state):
+        """The inner rule's, without the unconditional prediction at the skipped steps (it is estimated there)."""
+        needs = self.rule.predictions_needed(state)
+        if self._skipped(state):
+            needs[UNCOND] = False
+        return needs
 
     def _coef(self, device: torch.device) -> torch.Tensor:
         if device not in self._coef_device:

@@ -19,7 +19,7 @@ import math
 import torch
 
 from ..core.tensors import batch_dot, batch_norm, expand_to
-from .base import GuidanceRule, GuidanceState, check_scalar, mask_like
+from .base import GuidanceRule, GuidanceState, check_pair, check_scalar, mask_like, to_space
 from .schedules import WeightSchedule, as_scale, scale_at
 
 
@@ -102,4 +102,56 @@ class APG(GuidanceRule):
         return (
             f"APG(scale={self.scale!r}, eta={self.eta:g}, norm_threshold={self.norm_threshold:g}, "
             f"momentum={self.momentum:g})"
+        )
+
+
+class APGMix(GuidanceRule):
+    """APG-Mix (HunyuanImage 2.1; diffusers' ``AdaptiveProjectedMixGuidance``): classifier-free guidance at scale
+    ``scale`` for the evaluations i <= ``start_step``, then :class:`APG` at scale ``apg_scale``.  APG's momentum
+    buffer accumulates the update D_c - D_u during the CFG evaluations too, so it is warm when APG takes over.
+
+    APG here is the paper's, on the data prediction D (see :class:`APG`); diffusers' mix guider applies its APG to
+    the raw model output and starts it from u (so its ``adaptive_projected_guidance_rescale`` is a norm of eps or
+    velocity differences, not of D's).  Defaults are that guider's: w = 3.5, APG w = 10, momentum -0.5, r = 10,
+    eta = 0, APG from evaluation 6 on.
+    """
+
+    def __init__(
+        self,
+        scale: float | WeightSchedule = 3.5,
+        apg_scale: float | WeightSchedule = 10.0,
+        momentum: float = -0.5,
+        norm_threshold: float | None = 10.0,
+        eta: float = 0.0,
+        start_step: int = 5,
+    ):
+        self.scale = as_scale(scale)
+        self.apg = APG(apg_scale, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < -1:
+            raise ValueError(f"start_step must be an integer >= -1 (-1: APG from the first evaluation), got {start_step!r}")
+        self.start_step = start_step
+
+    @property
+    def stateful(self) -> bool:
+        return self.apg.stateful
+
+    def reset(self, timesteps=None) -> None:
+        self.apg.reset(timesteps)
+
+    def __call__(self, cond, uncond, state):
+        if state.step > self.start_step:
+            return self.apg(cond, uncond, state)
+        check_pair(cond, uncond, state)
+        # the CFG phase: keep APG's momentum buffer up to date with D_c - D_u, guide with CFG
+        self.apg._momentum(to_space(cond, state, "sample") - to_space(uncond, state, "sample"), state)
+        guided = uncond + scale_at(self.scale, state, cond) * (cond - uncond)
+        if state.active is not None:
+            guided = torch.where(mask_like(state.active, guided), guided, cond)
+        return guided
+
+    def __repr__(self) -> str:
+        a = self.apg
+        return (
+            f"APGMix(scale={self.scale!r}, apg_scale={a.scale!r}, momentum={a.momentum:g}, "
+            f"norm_threshold={a.norm_threshold:g}, eta={a.eta:g}, start_step={self.start_step})"
         )

@@ -1,8 +1,11 @@
 """The guidance-rule interface and the per-evaluation state a rule may read.
 
-A guidance rule combines the conditional prediction c and the unconditional prediction u of one network
-evaluation into the guided prediction g, all three in the model's own parametrization (its
-``prediction_type``).  Weight convention everywhere (diffusers', Ho & Salimans 2022 as written in Imagen):
+A guidance rule combines the conditional prediction c, the unconditional prediction u and any perturbed
+predictions it declares (:attr:`GuidanceRule.perturbations`; read with ``state.perturbed_prediction(name)``) of one
+network evaluation into the guided prediction g, all in the model's own parametrization (its
+``prediction_type``).  The protocol and the one function that applies a rule are in
+:mod:`steerdiff.core.guidance_protocol`.  Weight convention everywhere (diffusers', Ho & Salimans 2022 as written
+in Imagen):
 
     g = u + w (c - u)        w = 1: conditional only,  w = 0: unconditional only.
 
@@ -15,36 +18,30 @@ epsilon, v_prediction and sample models alike.
 
 Per-sample masks.  ``state.active`` marks the samples a wrapper wants guided at this evaluation (None = all);
 the others get g = c.  ``state.evaluated`` marks the samples whose u really came from the network (None =
-all); where it is False the caller passed c in u's place.  :meth:`GuidanceRule.uncond_needed` lets a rule
-say, before the network runs, which samples need u at all, so that a caller (:func:`steerdiff.pipelines.guide`)
-runs the network on the conditional half only for the others.
+all); where it is False the caller passed c in u's place (``state.perturbed_evaluated[name]`` likewise for each
+perturbed prediction).  :meth:`GuidanceRule.predictions_needed` (by default: :meth:`GuidanceRule.uncond_needed` for
+u, every sample for each perturbed prediction) lets a rule say, before the network runs, which samples need which
+prediction, so that a caller (:func:`steerdiff.pipelines.guide`) runs the network on those rows only.
 """
 
 from __future__ import annotations
 
 import math
-from functools import cached_property
 from numbers import Real
 
 import torch
 
-from ..core.denoiser import GuidanceState
+from ..core.guidance_protocol import UNCOND, GuidanceState, Mask
 from ..core.prediction import convert_prediction
 
-UncondMask = torch.Tensor | bool | None
+UncondMask = Mask
 """What :meth:`GuidanceRule.uncond_needed` returns: None or True (every sample), False (none), or a bool
 tensor of shape (B,) or (1,)."""
 
 
 def to_space(pred: torch.Tensor, state: GuidanceState, space: str) -> torch.Tensor:
     """``pred`` (in the model's parametrization) as a float64 prediction of type ``space``."""
-    if space == "v_prediction" and state.process.kind == "flow":
-        raise ValueError("v_prediction is a VP parametrization; on a flow-matching model use 'flow_prediction'")
-    if space == state.prediction_type:
-        return pred.to(torch.float64)
-    return convert_prediction(
-        pred.to(torch.float64), state.sample.to(torch.float64), state.alpha, state.sigma, state.prediction_type, space
-    )
+    return state.to_space(pred, space)
 
 
 def from_space(pred: torch.Tensor, state: GuidanceState, space: str, dtype: torch.dtype) -> torch.Tensor:
@@ -59,6 +56,11 @@ def from_space(pred: torch.Tensor, state: GuidanceState, space: str, dtype: torc
 def mask_like(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A per-sample bool mask (B,) shaped to broadcast against ``x`` (B, ...), on ``x``'s device."""
     return mask.to(device=x.device, dtype=torch.bool).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def restrict_needs(needs: dict[str, Mask], mask: Mask) -> dict[str, Mask]:
+    """Every prediction of ``needs`` restricted to the samples ``mask`` selects (a wrapper guiding some samples only)."""
+    return {name: and_masks(mask, need) for name, need in needs.items()}
 
 
 def and_masks(a: UncondMask | torch.Tensor, b: UncondMask | torch.Tensor) -> UncondMask:
@@ -97,9 +99,24 @@ class GuidanceRule:
         """Forget per-run state.  Called at the start of every sampling run (``timesteps``: the run's grid,
         when the caller knows it)."""
 
+    @property
+    def perturbations(self) -> dict:
+        """The perturbed predictions this rule combines: name -> a :class:`~steerdiff.guidance.perturbations.
+        Perturbation` (what to change in the network, or which other network to call; evaluated on the conditional
+        inputs).  None by default."""
+        return {}
+
     def uncond_needed(self, state: GuidanceState) -> UncondMask:
         """Which samples need the unconditional prediction at this evaluation (None = all)."""
         return None
+
+    def predictions_needed(self, state: GuidanceState) -> dict[str, Mask]:
+        """Which samples need which prediction at this evaluation: "uncond" and each perturbed name -> None (all),
+        False (none) or a bool (B,).  Default: :meth:`uncond_needed` for u, every sample for each perturbed one."""
+        needs = {UNCOND: self.uncond_needed(state)}
+        for name in self.perturbations:
+            needs[name] = None
+        return needs
 
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, state: GuidanceState) -> torch.Tensor:
         raise NotImplementedError
@@ -107,6 +124,7 @@ class GuidanceRule:
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, state: GuidanceState) -> torch.Tensor:
         check_pair(cond, uncond, state)
         space = self.space_for(state)
+        state = state.replace(space=space)  # perturbed predictions are read in the same parametrization
         if space is None:
             guided = self.combine(cond, uncond, state)
         else:

@@ -13,11 +13,12 @@ import math
 
 import torch
 
-from .base import GuidanceRule, GuidanceState, and_masks, check_scalar
+from .base import GuidanceRule, GuidanceState, and_masks, check_scalar, restrict_needs
 
 
 class GuidanceInterval(GuidanceRule):
-    """``rule`` for sigma in (sigma_low, sigma_high], conditional only (one network call) elsewhere."""
+    """``rule`` for sigma in (sigma_low, sigma_high], conditional only (one network call) elsewhere: neither the
+    unconditional nor any perturbed prediction of the rule is evaluated outside the interval."""
 
     def __init__(self, rule: GuidanceRule, sigma_low: float = 0.0, sigma_high: float = math.inf):
         if not isinstance(rule, GuidanceRule):
@@ -42,8 +43,15 @@ class GuidanceInterval(GuidanceRule):
     def reset(self, timesteps=None) -> None:
         self.rule.reset(timesteps)
 
+    @property
+    def perturbations(self) -> dict:
+        return self.rule.perturbations
+
     def uncond_needed(self, state):
         return and_masks(self.inside(state), self.rule.uncond_needed(state))
+
+    def predictions_needed(self, state):
+        return restrict_needs(self.rule.predictions_needed(state), self.inside(state))
 
     def __call__(self, cond, uncond, state):
         active = and_masks(state.active, self.inside(state))

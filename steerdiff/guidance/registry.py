@@ -5,6 +5,8 @@
     get_rule("interval", rule={"name": "cfg", "scale": 5.0}, sigma_low=0.28, sigma_high=5.42)
     get_rule("adaptive", rule={"name": "cfg", "scale": 5.0}, threshold=0.99)
     get_rule("linear_ag", rule={"name": "cfg", "scale": 5.0}, coefficients="linear_ag.safetensors")
+    get_rule("pag", scale=5.0, pag_scale={"schedule": "linear", "w0": 3.0}, layers=["mid"])
+    get_rule("autoguidance", scale=2.0, weak_model="path/to/weak/pipeline")
 
 Every keyword is checked against the rule's signature: a misspelt option is an error listing the allowed ones.
 """
@@ -16,11 +18,16 @@ from typing import Any
 
 from ..options import check_options, named_options
 from .adaptive import AdaptiveGuidance, LinearAG
-from .apg import APG
+from .apg import APG, APGMix
+from .autoguidance import AutoGuidance
 from .base import GuidanceRule
 from .cfg import CFG, CFGRescale, CFGZeroStar
+from .fdg import FDG
 from .interval import GuidanceInterval
+from .magnitude import MagnitudeAwareGuidance
+from .perturbed import PAG, SEG, SLG
 from .schedules import SCHEDULES, WeightSchedule
+from .tcfg import TCFG
 
 RULES: dict[str, type[GuidanceRule]] = {
     "cfg": CFG,
@@ -30,6 +37,14 @@ RULES: dict[str, type[GuidanceRule]] = {
     "interval": GuidanceInterval,
     "adaptive": AdaptiveGuidance,
     "linear_ag": LinearAG,
+    "pag": PAG,
+    "seg": SEG,
+    "slg": SLG,
+    "autoguidance": AutoGuidance,
+    "tcfg": TCFG,
+    "fdg": FDG,
+    "mambo_g": MagnitudeAwareGuidance,
+    "apg_mix": APGMix,
 }
 WRAPPERS = ("interval", "adaptive", "linear_ag")
 
@@ -64,7 +79,8 @@ def _inner_rule(value: Any) -> GuidanceRule:
 
 
 def get_rule(name: str, **kwargs: Any) -> GuidanceRule:
-    """A guidance rule by name (one of ``RULES``); ``scale`` may be a schedule mapping, ``rule`` (for the
+    """A guidance rule by name (one of ``RULES``); ``scale`` (and any ``*_scale``, and FDG's ``scales``) may be a
+    schedule mapping, ``rule`` (for the
     wrappers interval / adaptive / linear_ag) a nested rule mapping; ``linear_ag`` takes ``coefficients``, the
     path of a file written by :meth:`LinearAG.save`."""
     if name not in RULES:
@@ -77,8 +93,11 @@ def get_rule(name: str, **kwargs: Any) -> GuidanceRule:
         return LinearAG.load(kwargs["coefficients"], _inner_rule(kwargs["rule"]))
     check_options(f"rule {name!r}", kwargs, named_options(cls))
     kwargs = dict(kwargs)
-    if "scale" in kwargs:
-        kwargs["scale"] = _scale(kwargs["scale"])
+    for key in kwargs:  # any scale may be a weight schedule: scale, pag_scale, seg_scale, slg_scale, apg_scale, scales
+        if key == "scale" or key.endswith("_scale"):
+            kwargs[key] = _scale(kwargs[key])
+        elif key == "scales" and isinstance(kwargs[key], (list, tuple)):
+            kwargs[key] = [_scale(v) for v in kwargs[key]]
     if name in WRAPPERS:
         if "rule" not in kwargs:
             raise ValueError(f"rule {name!r} wraps another rule: give it as rule={{'name': 'cfg', 'scale': ...}}")

@@ -434,7 +434,7 @@ def _setup(model, x_T, schedule, num_inference_steps, timesteps, timestep_spacin
             "in the backward pass: use a stateless rule (e.g. APG with momentum=0) or mode='autograd'"
         )
     denoiser = denoiser_for(model, process, prediction_type, guidance, conditioning, uncond_conditioning)
-    denoiser.reset(grid.timesteps)
+    denoiser.reset(grid.timesteps, num_steps=grid.num_steps)
     return _Problem(denoiser, grid, resolve_params(model, params))
 
 

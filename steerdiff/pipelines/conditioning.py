@@ -22,6 +22,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .perturb import check_perturbation, perturbed
+
 CONDITIONING_KINDS = ("class_embedding", "encoder_hidden_states", "class_labels", "none")
 
 
@@ -145,6 +147,18 @@ class ConditionedNetwork:
         with class_embedding_override(self.model, cond):
             return self.model(x, t, class_labels=torch.zeros(x.shape[0], dtype=torch.long, device=x.device)).sample
 
+    def check_perturbations(self, perturbations) -> None:
+        """Raise a clear error when a rule's perturbation cannot apply to the model."""
+        for perturbation in perturbations.values():
+            check_perturbation(self.model, perturbation)
+
+    @contextmanager
+    def perturbed(self, perturbation, spatial=None):
+        """This network with ``perturbation`` applied (:func:`steerdiff.pipelines.perturb.perturbed`), or the weak
+        network's, for the calls made within the block."""
+        with perturbed(self.model, perturbation, spatial=spatial) as other:
+            yield self if other is None else ConditionedNetwork(other, self.uncond)
+
     def join(self, uncond: torch.Tensor | None, cond: torch.Tensor | None) -> torch.Tensor | None:
         """The conditioning of the batch [uncond rows; cond rows]."""
         if cond is None:  # a label-conditioned mixture asked for the whole mixture: both branches null
@@ -166,4 +180,5 @@ def denoiser_for(model: nn.Module, process, prediction_type: str, guidance=1.0, 
     denoiser = Denoiser(network, process, prediction_type, guidance, cond, check_finite)
     network.check_guidance(denoiser.guided)
     network.check_conditioning(cond)
+    network.check_perturbations(getattr(denoiser.rule, "perturbations", None) or {})
     return denoiser

@@ -48,9 +48,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.process import noise_process_from_config, prediction_type_from_config
+from ..core.guidance_protocol import COND, UNCOND, GuidanceState, Request, guide_predictions, plan_predictions
 from ..core.nonfinite import NonFiniteWatch
-from ..guidance.base import GuidanceRule, GuidanceState
+from ..core.process import noise_process_from_config, prediction_type_from_config
+from ..guidance.base import GuidanceRule
+from ..guidance.perturbations import WeakModel
+from .perturb import check_perturbation, perturbed, supports_groups
 
 DIT_NULL_CLASS = 1000  # DiTPipeline's hard-coded unconditional label
 _MISSING = object()
@@ -165,20 +168,6 @@ def _guided_channels(prediction: torch.Tensor, x: torch.Tensor) -> int | None:
     return None
 
 
-def _as_mask(mask, batch: int, device) -> torch.Tensor | None:
-    """None (every sample) or a bool tensor (B,) from what ``rule.uncond_needed`` returned."""
-    if mask is None or mask is True:
-        return None
-    if mask is False:
-        return torch.zeros(batch, dtype=torch.bool, device=device)
-    mask = torch.as_tensor(mask, device=device).to(torch.bool).reshape(-1)
-    if mask.numel() == 1:
-        return mask.expand(batch)
-    if mask.numel() != batch:
-        raise ValueError(f"uncond_needed returned {mask.numel()} flags for a batch of {batch}")
-    return mask
-
-
 class GuidanceHook:
     """The installed hook; see :func:`guide`.  Counters (cumulative since installation): ``network_calls``
     (forward passes of the denoiser) and ``network_evaluations`` (samples passed through it)."""
@@ -196,6 +185,7 @@ class GuidanceHook:
                 f"{type(scheduler).__name__} has timestep_type={config.get('timestep_type')!r}"
             )
         self.pipe, self.rule, self.check_finite = pipe, rule, bool(check_finite)
+        self._check_perturbations()
         self.schedule = process
         self.prediction_type = prediction_type_from_config(scheduler)
         self.network_calls = 0
@@ -205,6 +195,19 @@ class GuidanceHook:
         self._pending = None  # separate calls: the conditional call of this step, waiting for its partner
         self._installed = False
         self._install()
+
+    def _check_perturbations(self) -> None:
+        """Every perturbation of the rule applies to every network it may run on (before any sampling)."""
+        perturbations = self.rule.perturbations
+        networks = [getattr(self.pipe, name) for name in self.layout.denoisers]
+        for perturbation in perturbations.values():
+            if isinstance(perturbation, WeakModel) and len(networks) > 1:
+                raise ValueError(
+                    f"AutoGuidance's weak model stands in for one network, but {type(self.pipe).__name__} samples with "
+                    f"{len(networks)} ({', '.join(self.layout.denoisers)})"
+                )
+            for network in networks:
+                check_perturbation(network, perturbation)
 
     # -- installation -----------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -219,8 +222,8 @@ class GuidanceHook:
         for denoiser in denoisers:
             inner, names = denoiser.forward, _forward_names(denoiser)
 
-            def forward(*args, _inner=inner, _names=names, **kwargs):
-                return self._forward(_inner, _names, *args, **kwargs)
+            def forward(*args, _module=denoiser, _inner=inner, _names=names, **kwargs):
+                return self._forward(_module, _inner, _names, *args, **kwargs)
 
             self._patch(denoiser, "forward", functools.wraps(inner)(forward))
             denoiser._steerdiff_guidance_hook = self
@@ -267,6 +270,7 @@ class GuidanceHook:
     # -- per call ----------------------------------------------------------------------------------------
     def _begin_run(self, timesteps) -> None:
         self._step = 0
+        self._num_steps = None if timesteps is None else len(timesteps)
         self._checked = False
         self._pending = None
         self.rule.reset(timesteps)
@@ -298,6 +302,11 @@ class GuidanceHook:
             doubled = n % groups == 0 and (bool(flag) if flag is not None else torch.equal(x[: n // groups], x[n // groups : 2 * n // groups]))
         if not doubled:
             raise self._no_uncond_branch()
+        if self._groups() == 3 and self.rule.perturbations:
+            raise ValueError(
+                f"{type(pipe).__name__} applies its own perturbed-attention guidance (pag_scale > 0) and {self.rule!r} "
+                "adds perturbed predictions of its own: call the pipeline with pag_scale=0, or use its base pipeline"
+            )
         if float(getattr(pipe, "guidance_rescale", 0.0) or 0.0) > 0.0:
             raise ValueError(
                 "guidance_rescale > 0 would be applied by the pipeline after the guided prediction and is not supported "
@@ -325,8 +334,9 @@ class GuidanceHook:
             index = sched.step_index if sched.step_index is not None else (sched.begin_index or 0)
             s = float(sched.sigmas[index])
             t = s * self.schedule.num_train_timesteps
-            return GuidanceState(self.schedule, t, sample, self.prediction_type, self._step, alpha=1.0 - s, sigma=s)
-        return GuidanceState(self.schedule, timestep, sample, self.prediction_type, self._step)
+            return GuidanceState(self.schedule, t, sample, self.prediction_type, self._step, alpha=1.0 - s, sigma=s,
+                                 num_steps=self._num_steps)
+        return GuidanceState(self.schedule, timestep, sample, self.prediction_type, self._step, num_steps=self._num_steps)
 
     def _finite(self, guided: torch.Tensor, timestep, batch: int, *predictions: torch.Tensor) -> None:
         """One pass over what the pipeline receives (NaN/Inf in a prediction reaches it through every rule); the
@@ -336,18 +346,38 @@ class GuidanceHook:
             NonFiniteWatch("eager", "the network output").update(self._step, torch.cat(predictions), timestep, batch=batch)
             NonFiniteWatch("eager", f"the guided prediction of {self.rule!r}").update(self._step, guided, timestep, batch=batch)
 
-    def _forward(self, inner, names, *args, **kwargs):
+    def _forward(self, module, inner, names, *args, **kwargs):
         bound = dict(zip(names, args))
         bound.update(kwargs)
         x = bound[names[0]]
+        if bound.get("skip_layers") is not None:
+            raise ValueError(
+                f"{type(self.pipe).__name__} was called with skip_guidance_layers, which runs a call of its own that "
+                "guide() cannot pair; under guide() use the SLG rule (steerdiff.guidance.SLG) instead"
+            )
         if not self._checked:
             self._check_call(bound, x)
             self._checked = True
         if self.layout.pattern == "separate":
-            return self._forward_separate(inner, bound, x, args, kwargs)
-        return self._forward_batched(inner, bound, x, args, kwargs)
+            return self._forward_separate(module, inner, bound, x, args, kwargs)
+        return self._forward_batched(module, inner, bound, x, args, kwargs)
 
-    def _forward_batched(self, inner, bound, x, args, kwargs):
+    def _call(self, fn, args, kwargs, rows=None, n: int = 0):
+        """``fn`` on the rows ``rows`` of every batched argument (all rows when None), counted."""
+        if rows is not None:
+            args = [_take(a, rows, n) for a in args]
+            kwargs = {key: _take(v, rows, n) for key, v in kwargs.items()}
+        out = fn(*args, **kwargs)
+        self.network_calls += 1
+        self.network_evaluations += n if rows is None else rows.numel()
+        return out
+
+    def _perturbed_call(self, module, inner, perturbation, args, kwargs, rows, n: int, spatial, groups=None):
+        """The call of ``rows`` (pipeline rows) with ``perturbation`` applied to ``module`` (or its weak model)."""
+        with perturbed(module, perturbation, groups=groups, spatial=spatial) as other:
+            return self._call(inner if other is None else other, args, kwargs, rows, n)
+
+    def _forward_batched(self, module, inner, bound, x, args, kwargs):
         n, groups = x.shape[0], self._groups()
         b = n // groups
         cond_first = self.layout.pattern == "cond_first"
@@ -355,89 +385,113 @@ class GuidanceHook:
         timestep = bound.get("timestep")
         if isinstance(timestep, torch.Tensor) and timestep.ndim and timestep.shape[0] == n:
             timestep = timestep[cond_rows]
-        need, index = None, None
-        state = None
-        if groups == 2:  # rows can be skipped (the perturbed-attention processors need all three groups)
-            state = self._state(timestep, x[cond_rows])
-            need = _as_mask(self.rule.uncond_needed(state), b, x.device)
-            if need is not None:
-                index = torch.nonzero(need).flatten()  # one host sync, for rules that can skip only
-                if index.numel() == b:
-                    need = index = None
-        if need is None:
-            out = inner(*args, **kwargs)
+        state = self._state(timestep, x[cond_rows])
+        spatial = tuple(x.shape[-2:]) if x.ndim == 4 else None
+        if groups == 3:  # a PAG pipeline's own [u; c; p]: the rule guides (u, c), the pipeline keeps its PAG term
+            request = Request(b, {UNCOND: None}, {})
+            out = self._call(inner, args, kwargs, None, n)
             prediction = _prediction(out)
-            self.network_evaluations += n
-            cond, uncond = prediction[cond_rows], prediction[uncond_rows]
+            outputs = {COND: prediction[cond_rows], UNCOND: prediction[uncond_rows]}
         else:
-            k = index.numel()
-            all_rows = torch.arange(b, device=x.device)
-            rows = torch.cat([all_rows, b + index]) if cond_first else torch.cat([index, b + all_rows])
-            out = inner(*[_take(a, rows, n) for a in args], **{key: _take(v, rows, n) for key, v in kwargs.items()})
-            prediction = _prediction(out)
-            cond, part = (prediction[:b], prediction[b:]) if cond_first else (prediction[k:], prediction[:k])
-            uncond = cond.index_copy(0, index, part)
-            self.network_evaluations += b + k
-        self.network_calls += 1
-        channels = _guided_channels(prediction, x)
-        guided_slice = slice(None) if channels is None else slice(0, channels)
-        if state is None:
-            state = self._state(timestep, x[cond_rows][:, guided_slice])
-        elif channels is not None:
-            state = state.replace(sample=x[cond_rows][:, guided_slice])
-        if need is not None:
-            state = state.replace(evaluated=need)
-        guided = self.rule(cond[:, guided_slice], uncond[:, guided_slice], state)
+            request = plan_predictions(self.rule, state)
+            out, outputs = self._evaluate_batched(module, inner, args, kwargs, n, b, cond_first, request, spatial)
+        cond = outputs[COND]
+        channels = _guided_channels(cond, x[cond_rows])
+        if channels is not None:  # guide the prediction's channels only (learned sigma, inpainting inputs)
+            state = state.replace(sample=x[cond_rows][:, :channels])
+            outputs = {name: value[:, :channels] for name, value in outputs.items()}
+        guided = guide_predictions(self.rule, state, request, outputs)
         if channels is not None:
             guided = torch.cat([guided, cond[:, channels:]], dim=1)
-        self._finite(guided, timestep, b, prediction)
+        self._finite(guided, timestep, b, *outputs.values())
         self._step += 1
         if groups == 3:  # [g, g, g - (c - p)]: the pipeline then adds pag_scale (c - p) to g, its PAG term unchanged
-            perturbed = prediction[2 * b :]
-            return _repack(out, torch.cat([guided, guided, guided - (cond - perturbed)]))
+            prediction = _prediction(out)
+            perturbed_rows = prediction[2 * b :]
+            return _repack(out, torch.cat([guided, guided, guided - (cond - perturbed_rows)]))
         return _repack(out, torch.cat([guided, guided]))
 
-    def _forward_separate(self, inner, bound, x, args, kwargs):
+    def _evaluate_batched(self, module, inner, args, kwargs, n, b, cond_first, request, spatial):
+        """The rows ``request`` asks for, from a call on the pipeline's [uncond; cond] batch (or [cond; uncond]):
+        the unconditional rows it needs and every conditional row in one call; a perturbed prediction of every
+        sample shares that call when diffusers has batched processors for it (PAG: [u; c; p] or [c; p]), else it
+        runs in a call of its own on the conditional rows."""
+        device = args[0].device if args and torch.is_tensor(args[0]) else None
+        samples = torch.arange(b, device=device)
+        cond_idx = samples if cond_first else b + samples
+        uncond_idx = b + samples if cond_first else samples
+        u_rows = request.rows[UNCOND]
+        wanted = request.perturbed()
+        outputs = {}
+        grouped = (
+            len(wanted) == 1 and wanted[0][1] is None and (u_rows is None or u_rows.numel() == 0)
+            and supports_groups(module, request.perturbations[wanted[0][0]])
+        )
+        if grouped:  # one call, perturbed rows last: [u; c; p] (pipeline order first) or [c; p]
+            name = wanted[0][0]
+            base = torch.arange(n, device=device) if u_rows is None else cond_idx
+            groups = 3 if u_rows is None else 2
+            out = self._perturbed_call(module, inner, request.perturbations[name], args, kwargs,
+                                       torch.cat([base, cond_idx]), n, spatial, groups=groups)
+            prediction = _prediction(out)
+            if u_rows is None:
+                outputs[COND], outputs[UNCOND] = prediction[:n][cond_idx], prediction[:n][uncond_idx]
+            else:
+                outputs[COND] = prediction[:b]
+            outputs[name] = prediction[-b:]
+            return out, outputs
+        if u_rows is None:
+            out = self._call(inner, args, kwargs, None, n)
+            prediction = _prediction(out)
+            outputs[COND], outputs[UNCOND] = prediction[cond_idx], prediction[uncond_idx]
+        else:
+            k = u_rows.numel()
+            rows = torch.cat([cond_idx, uncond_idx[u_rows]]) if cond_first else torch.cat([uncond_idx[u_rows], cond_idx])
+            out = self._call(inner, args, kwargs, rows, n)
+            prediction = _prediction(out)
+            outputs[COND], part = (prediction[:b], prediction[b:]) if cond_first else (prediction[k:], prediction[:k])
+            if k:
+                outputs[UNCOND] = part
+        for name, rows in wanted:
+            selected = cond_idx if rows is None else cond_idx[rows]
+            p_out = self._perturbed_call(module, inner, request.perturbations[name], args, kwargs, selected, n, spatial)
+            outputs[name] = _prediction(p_out)
+        return out, outputs
+
+    def _forward_separate(self, module, inner, bound, x, args, kwargs):
         """Conditional call first: run it and hand its output to the pipeline.  The unconditional call of the same
-        step: run it (or the rows the rule needs, or nothing), form g, write g into the conditional output the
-        pipeline holds and return g as the unconditional one, so that the pipeline's u + w (c - u) is g exactly."""
+        step: run it (or the rows the rule needs, or nothing) and the perturbed predictions the rule needs (on the
+        conditional call's inputs), form g, write g into the conditional output the pipeline holds and return g as
+        the unconditional one, so that the pipeline's u + w (c - u) is g exactly."""
         timestep = bound.get("timestep")
         key = self._scheduler.step_index  # the same for both calls of a step (the scheduler steps in between)
         pending = self._pending
         if pending is not None and pending["key"] != key:
             raise self._no_uncond_branch()  # the last step's conditional call had no unconditional partner
+        b = x.shape[0]
         if pending is None:
-            out = inner(*args, **kwargs)
-            self.network_calls += 1
-            self.network_evaluations += x.shape[0]
-            self._pending = {"key": key, "out": out}
+            out = self._call(inner, args, kwargs, None, b)
+            self._pending = {"key": key, "out": out, "args": args, "kwargs": kwargs}
             return out
         self._pending = None
         cond_out = pending["out"]
         cond = _prediction(cond_out)
-        b = x.shape[0]
         state = self._state(timestep, x)
-        need = _as_mask(self.rule.uncond_needed(state), b, x.device)
-        index = None if need is None else torch.nonzero(need).flatten()
-        if index is None or index.numel() == b:
-            out = inner(*args, **kwargs)
-            uncond = _prediction(out)
-            self.network_calls += 1
-            self.network_evaluations += b
-        elif index.numel() == 0:
-            uncond = cond  # nothing ran; the rule sees evaluated = False everywhere
-            state = state.replace(evaluated=need)
-        else:
-            out = inner(*[_take(a, index, b) for a in args], **{k: _take(v, index, b) for k, v in kwargs.items()})
-            uncond = cond.index_copy(0, index, _prediction(out))
-            self.network_calls += 1
-            self.network_evaluations += index.numel()
-            state = state.replace(evaluated=need)
-        guided = self.rule(cond, uncond, state)
+        request = plan_predictions(self.rule, state)
+        outputs = {COND: cond}
+        u_rows = request.rows[UNCOND]
+        if u_rows is None or u_rows.numel():
+            outputs[UNCOND] = _prediction(self._call(inner, args, kwargs, u_rows, b))
+        spatial = tuple(x.shape[-2:]) if x.ndim == 4 else None
+        for name, rows in request.perturbed():
+            p_out = self._perturbed_call(module, inner, request.perturbations[name], pending["args"],
+                                         pending["kwargs"], rows, b, spatial)
+            outputs[name] = _prediction(p_out)
+        guided = guide_predictions(self.rule, state, request, outputs)
         if self.layout.rescale_to_cond_norm:  # Qwen-Image's own rescale, kept: g |c| / |g| over the last dimension
             guided = guided * (torch.linalg.vector_norm(cond, dim=-1, keepdim=True)
                                / torch.linalg.vector_norm(guided, dim=-1, keepdim=True))
-        self._finite(guided, timestep, b, cond, uncond)
+        self._finite(guided, timestep, b, *outputs.values())
         self._step += 1
         cond.copy_(guided)  # the tensor the pipeline holds as its conditional prediction
         return _repack(cond_out, guided)
