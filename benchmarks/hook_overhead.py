@@ -1,6 +1,7 @@
-"""Wall time of a pipeline call under ``guide(pipe, CFG(w))`` against the pipeline's own CFG.
+"""Wall time of a pipeline call under ``guide(pipe, CFG(w))`` against the pipeline's own CFG, and of PAG under
+``guide(pipe, PAG(w, s))`` against diffusers' own ``StableDiffusionPAGPipeline`` built from the same components.
 
-Target: ratio <= 1.03.  The pipelines are tiny random ones of the test suite (tests/tiny_pipelines.py,
+Targets: ratio <= 1.03 for CFG; for PAG, a step under guide() costs no more than the PAG pipeline's own step.  The pipelines are tiny random ones of the test suite (tests/tiny_pipelines.py,
 tests/tiny_flow_pipelines.py, built offline), where the denoiser is cheap, so the hook's fixed per-step cost weighs
 as much as it ever will: Stable Diffusion 1.5-shaped (one call on a doubled batch, VP), StableDiffusion3 (doubled
 batch, flow matching) and Flux with ``true_cfg_scale`` (two calls per step, flow matching).  In one run, for each
@@ -8,8 +9,8 @@ pipeline, the two kinds of call alternate (own, guided, own, guided, ...) so tha
 alike; the hook is installed and removed outside the timed region.  Besides wall time it reports the process's CPU
 time per call, which other processes on a shared machine disturb less.  The guided and own outputs are compared.
 
-    python benchmarks/hook_overhead.py                       # CPU: sd, sd3, flux
-    python benchmarks/hook_overhead.py --device cuda --steps 50 --pipelines sd3 flux
+    python benchmarks/hook_overhead.py                       # CPU: sd, sd3, flux, sd_pag
+    python benchmarks/hook_overhead.py --device cuda --steps 50 --pipelines sd3 flux sd_pag
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_flow_pipelines import flow_pipeline_call, tiny_flux, tiny_sd3  # noqa: E402
 from tiny_pipelines import tiny_sd_pipeline  # noqa: E402
 
-from steerdiff.guidance import CFG  # noqa: E402
+from steerdiff.guidance import CFG, PAG  # noqa: E402
 from steerdiff.pipelines import guide  # noqa: E402
 
 
@@ -85,7 +86,66 @@ def build(name: str, device: torch.device, batch: int, steps: int, scale: float)
     return pipe, {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
 
 
+def interleaved(own, guided, args) -> dict:
+    """Warm-up, then ``args.repeats`` alternating calls of ``own()`` and ``guided()`` (each returning wall, CPU and
+    images); the wall and CPU times of each kind and the last outputs' largest difference."""
+    for _ in range(args.warmup):
+        own()
+        guided()
+    runs = {"own": [], "guided": []}
+    for _ in range(args.repeats):
+        runs["own"].append(own())
+        runs["guided"].append(guided())
+    wall = {kind: [r[0] for r in rs] for kind, rs in runs.items()}
+    cpu = {kind: [r[1] for r in rs] for kind, rs in runs.items()}
+    difference = float((runs["own"][-1][2] - runs["guided"][-1][2]).abs().max())
+    return {"wall": wall, "cpu": cpu, "difference": difference}
+
+
+def report(title: str, own_label: str, guided_label: str, result: dict) -> float:
+    """Print the medians and ratios of an interleaved measurement; returns the ratio of the median wall times."""
+    own_times, guided_times = result["wall"]["own"], result["wall"]["guided"]
+    pair_ratios = sorted(g / o for g, o in zip(guided_times, own_times))
+    q = statistics.quantiles(pair_ratios, n=4)
+    own_median, guided_median = statistics.median(own_times), statistics.median(guided_times)
+    ratio = guided_median / own_median
+    print(f"\n{title}")
+    print(f"{own_label:<28} median {own_median * 1e3:8.2f} ms  (min {min(own_times) * 1e3:.2f})")
+    print(f"{guided_label:<28} median {guided_median * 1e3:8.2f} ms  (min {min(guided_times) * 1e3:.2f})")
+    print(f"ratio of medians:            {ratio:.4f}   (per-pair ratios: median {statistics.median(pair_ratios):.4f}, "
+          f"quartiles {q[0]:.4f} .. {q[2]:.4f}); ratio of minima {min(guided_times) / min(own_times):.4f}")
+    cpu_own, cpu_guided = statistics.median(result["cpu"]["own"]), statistics.median(result["cpu"]["guided"])
+    print(f"process CPU time:            own median {cpu_own * 1e3:.2f} ms, guided median {cpu_guided * 1e3:.2f} ms, "
+          f"ratio {cpu_guided / cpu_own:.4f}")
+    print(f"outputs:                     max |own - guided| = {result['difference']:.2e}")
+    return ratio
+
+
+def measure_pag(args, device: torch.device) -> bool:
+    """guide(SD, PAG(w, s)) against StableDiffusionPAGPipeline(**SD's components) at the same w, s and layers."""
+    from diffusers import StableDiffusionPAGPipeline
+
+    pipe, kwargs = build("sd", device, args.batch, args.steps, args.scale)
+    layers = ["mid", "up_blocks.0"]
+    pag = StableDiffusionPAGPipeline(**pipe.components, pag_applied_layers=layers)
+    pag.set_progress_bar_config(disable=True)
+    rule = PAG(args.scale, 3.0, layers=layers)
+
+    def guided():
+        with guide(pipe, rule, check_finite=not args.no_check_finite):
+            return timed_call(pipe, kwargs, device)
+
+    result = interleaved(lambda: timed_call(pag, dict(kwargs, pag_scale=3.0), device), guided, args)
+    ratio = report(f"sd_pag (PAG on {layers}, w = {args.scale}, pag_scale 3): {args.steps} steps, {args.repeats} timed "
+                   "calls each", "StableDiffusionPAGPipeline:", "guide(SD, PAG):", result)
+    print(f"target: a PAG step under guide() costs no more than the PAG pipeline's: {'met' if ratio <= 1.0 else 'NOT met'}"
+          f" (within 1%: {'yes' if ratio <= 1.01 else 'no'})")
+    return result["difference"] <= 1e-5
+
+
 def measure(name: str, args, device: torch.device) -> bool:
+    if name == "sd_pag":
+        return measure_pag(args, device)
     pipe, kwargs = build(name, device, args.batch, args.steps, args.scale)
     rule = CFG(args.scale)
 
@@ -93,40 +153,17 @@ def measure(name: str, args, device: torch.device) -> bool:
         with guide(pipe, rule, check_finite=not args.no_check_finite):
             return timed_call(pipe, kwargs, device)
 
-    for _ in range(args.warmup):
-        timed_call(pipe, kwargs, device)
-        guided()
-    own_times, guided_times, own_cpu, guided_cpu = [], [], [], []
-    for _ in range(args.repeats):
-        t_own, c_own, own_images = timed_call(pipe, kwargs, device)
-        t_guided, c_guided, guided_images = guided()
-        own_times.append(t_own)
-        guided_times.append(t_guided)
-        own_cpu.append(c_own)
-        guided_cpu.append(c_guided)
-    difference = float((own_images - guided_images).abs().max())
-
-    pair_ratios = sorted(g / o for g, o in zip(guided_times, own_times))
-    q = statistics.quantiles(pair_ratios, n=4)
-    own_median, guided_median = statistics.median(own_times), statistics.median(guided_times)
-    ratio = guided_median / own_median
+    result = interleaved(lambda: timed_call(pipe, kwargs, device), guided, args)
     pattern = {"sd": "doubled batch, VP", "sd3": "doubled batch, flow", "flux": "two calls per step, flow"}[name]
-    print(f"\n{name} ({pattern}): {args.steps} steps, w = {args.scale}, {args.repeats} timed calls each "
-          f"(after {args.warmup} warm-up)")
-    print(f"own CFG:            median {own_median * 1e3:8.2f} ms  (min {min(own_times) * 1e3:.2f})")
-    print(f"guide(pipe, CFG):   median {guided_median * 1e3:8.2f} ms  (min {min(guided_times) * 1e3:.2f})")
-    print(f"ratio of medians:   {ratio:.4f}   (per-pair ratios: median {statistics.median(pair_ratios):.4f}, "
-          f"quartiles {q[0]:.4f} .. {q[2]:.4f}); ratio of minima {min(guided_times) / min(own_times):.4f}")
-    cpu_ratio = statistics.median(guided_cpu) / statistics.median(own_cpu)
-    print(f"process CPU time:   own median {statistics.median(own_cpu) * 1e3:.2f} ms, guided median "
-          f"{statistics.median(guided_cpu) * 1e3:.2f} ms, ratio {cpu_ratio:.4f}")
+    ratio = report(f"{name} ({pattern}): {args.steps} steps, w = {args.scale}, {args.repeats} timed calls each "
+                   f"(after {args.warmup} warm-up)", "own CFG:", "guide(pipe, CFG):", result)
     if name == "sd":
+        own_median = statistics.median(result["wall"]["own"])
         fixed = hook_cost_per_step(pipe, rule, not args.no_check_finite, args.batch, device)
-        print(f"hook's fixed cost:  {fixed * 1e6:.0f} us per network call (network stubbed out; the median own step "
-              f"took {own_median / args.steps * 1e3:.2f} ms wall), i.e. {fixed * args.steps / own_median:.2%} of the call")
-    print(f"outputs:            max |own - guided| = {difference:.2e}")
-    print(f"target <= 1.03:     {'met' if ratio <= 1.03 else 'NOT met'}")
-    return difference <= 1e-5
+        print(f"hook's fixed cost:           {fixed * 1e6:.0f} us per network call (network stubbed out; the median own "
+              f"step took {own_median / args.steps * 1e3:.2f} ms wall), i.e. {fixed * args.steps / own_median:.2%} of the call")
+    print(f"target <= 1.03:              {'met' if ratio <= 1.03 else 'NOT met'}")
+    return result["difference"] <= 1e-5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
     parser.add_argument("--scale", type=float, default=7.5)
     parser.add_argument("--no-check-finite", action="store_true", help="run the hook without its NaN/Inf check")
-    parser.add_argument("--pipelines", nargs="+", default=["sd", "sd3", "flux"], choices=["sd", "sd3", "flux"])
+    parser.add_argument("--pipelines", nargs="+", default=["sd", "sd3", "flux", "sd_pag"],
+                        choices=["sd", "sd3", "flux", "sd_pag"])
     args = parser.parse_args(argv)
 
     if args.threads > 0:

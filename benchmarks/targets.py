@@ -15,6 +15,9 @@ guidance (issue 5): at w >= 9 APG's magnitude score is not above CFG's and its o
 while its FD is equal or better (within 3%); linear and cosine schedules beat constant CFG of the same mean weight on
 FD; AdaptiveGuidance saves >= 25% of network evaluations with FD within 3% of CFG's (the flow grid, flow_guidance, is read the same way).
 cfg_zero_star (issue 11): CFG-Zero* beats CFG of the same scale on FD in every cell at NFE <= 10 (its paper's claim).
+guidance_family (issue 19): every rule of diffusers' guiders against CFG and APG at w = 3 / 5 / 9 (FD, precision,
+recall, magnitude score, evaluations); AutoGuidance reaches a lower FD than CFG's best cell (over every CFG weight,
+w = 1 included) at equal or better recall.
 momentum_solvers (issues 11 and 13): on the analytic mixtures the best momentum sampler has the lowest solver error
 (l2_error) in every cell with NFE <= 10; on the other models it beats every diffusers solver on FD at NFE <= 8.
 """
@@ -48,7 +51,8 @@ def _scale(record: dict) -> float | None:
         return float(scale)
     if isinstance(inner, dict):
         return float(inner["scale"])
-    return None
+    last = record["guidance"].split()[-1]  # labels end in their weight ("FDG 9")
+    return float(last) if last.replace(".", "", 1).isdigit() else None
 
 
 def _fmt(value) -> str:
@@ -155,6 +159,47 @@ def guidance(records: list[dict]) -> int:
     return 0
 
 
+FAMILY = ("PAG", "SEG", "SLG", "TCFG", "FDG", "MAMBO-G", "APG-Mix", "AutoGuidance")
+
+
+def guidance_family(records: list[dict]) -> int:
+    failures = 0
+    ok_records = [r for r in records if r["status"] == "ok"]
+    keys = ("fd", "precision", "recall", "magnitude_score")
+    for model in sorted({r["model"] for r in ok_records}):
+        rows = [r for r in ok_records if r["model"] == model]
+        label = {r["guidance"]: r for r in rows}
+        print(f"== {model}")
+        for w in (3, 5, 9):
+            cfg, apg = label.get(f"CFG {w}"), label.get(f"APG {w}")
+            if cfg is None:
+                continue
+            print(f"w = {w}: " + ", ".join(f"{k} {cfg['metrics'][k]:.4g}" for k in keys) + f" (CFG); "
+                  + ("" if apg is None else ", ".join(f"{k} {apg['metrics'][k]:.4g}" for k in keys) + " (APG)"))
+            for family in FAMILY:
+                r = label.get(f"{family} {w}")
+                if r is None:
+                    continue
+                m = r["metrics"]
+                vs_apg = "" if apg is None else f", vs APG {m['fd'] / apg['metrics']['fd'] - 1:+.1%}"
+                print(f"    {family:<13} FD {m['fd']:.4g} (vs CFG {m['fd'] / cfg['metrics']['fd'] - 1:+.1%}{vs_apg}), "
+                      f"precision {m['precision']:.3g}, recall {m['recall']:.3g}, mag {m['magnitude_score']:.3g}, "
+                      f"evaluations/sample {r['network_calls']['evaluations_per_sample']:g}")
+        cfgs = [r for r in rows if r["guidance"].startswith("CFG ") or r["guidance"] == "conditional (w 1)"]
+        ags = [r for r in rows if r["guidance"].startswith("AutoGuidance ")]
+        if cfgs and ags:
+            best_cfg = min(cfgs, key=lambda r: r["metrics"]["fd"])
+            best_ag = min(ags, key=lambda r: r["metrics"]["fd"])
+            fd_ok = best_ag["metrics"]["fd"] < best_cfg["metrics"]["fd"]
+            recall_ok = best_ag["metrics"]["recall"] >= best_cfg["metrics"]["recall"]
+            failures += not (fd_ok and recall_ok)
+            print(f"  target AutoGuidance: best {best_ag['guidance']} FD {best_ag['metrics']['fd']:.4g}, recall "
+                  f"{best_ag['metrics']['recall']:.3g} vs CFG's best {best_cfg['guidance']} FD {best_cfg['metrics']['fd']:.4g}, "
+                  f"recall {best_cfg['metrics']['recall']:.3g}: {'met' if fd_ok and recall_ok else 'NOT met'}")
+    print(f"{failures} comparison(s) against the targets failed")
+    return 0
+
+
 def _fd(record: dict) -> float:
     return _metric(record, "fd")
 
@@ -238,14 +283,14 @@ def plot_guidance(records: list[dict], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("which", choices=("momentum", "guidance", "cfg_zero_star", "momentum_solvers"))
+    p.add_argument("which", choices=("momentum", "guidance", "guidance_family", "cfg_zero_star", "momentum_solvers"))
     p.add_argument("run", type=Path, help="the benchmark's output_dir")
     p.add_argument("--plot", type=Path, default=None, help="guidance: also write this PNG (metrics against the scale)")
     args = p.parse_args(argv)
     records = load(args.run)
-    if args.plot is not None and args.which == "guidance":
+    if args.plot is not None and args.which in ("guidance", "guidance_family"):
         print(f"wrote {plot_guidance(records, args.plot)}")
-    return {"momentum": momentum, "guidance": guidance, "cfg_zero_star": cfg_zero_star,
+    return {"momentum": momentum, "guidance": guidance, "guidance_family": guidance_family, "cfg_zero_star": cfg_zero_star,
             "momentum_solvers": momentum_solvers}[args.which](records)
 
 

@@ -38,6 +38,14 @@ Output
 
     python -m scripts.train_digits --steps 8000 --minutes 28
     python -m scripts.train_digits --objective flow --steps 8000 --minutes 28
+
+Weak models for AutoGuidance (Karras et al. 2024: the same network trained for a fraction of the budget), shipped as
+``digits_weak`` and ``digits_flow_weak``: 1/8 of the steps the shipped models took (1,377 and 6,046), warm-up scaled
+alike; each ends on ``--steps`` with one thread, so it is reproducible (rerunning them gave identical weights):
+
+    python -m scripts.train_digits --steps 172 --warmup 25 --minutes 60 --threads 1 --out steerdiff/testbeds/assets/digits_weak
+    python -m scripts.train_digits --objective flow --steps 756 --warmup 25 --minutes 60 --threads 1 \
+        --out steerdiff/testbeds/assets/digits_flow_weak
 """
 
 from __future__ import annotations

@@ -514,13 +514,17 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
     settings = {it.index: _settings(cfg, it) for it in items}
     folder.mkdir(parents=True, exist_ok=True)
     chunks, reused = [], 0
-    with ExitStack() as stack, tqdm(total=len(items), desc="generate", unit="image", disable=not progress) as bar:
+    with ExitStack() as stack:
         lock = RunFolderLock(folder)  # one run per images folder
         stack.callback(lock.release)
         if guidance.rule is not None:
-            stack.enter_context(guide(pipe, guidance.rule))
+            try:  # a perturbation that does not fit the network, a weak model that does not load
+                stack.enter_context(guide(pipe, guidance.rule))
+            except (ValueError, TypeError, FileNotFoundError) as err:
+                raise ConfigError(f"guidance: {err}") from None
         elif kind.kind != "class":  # the class pipeline checks its own outputs
             stack.enter_context(watch_nonfinite(pipe))
+        bar = stack.enter_context(tqdm(total=len(items), desc="generate", unit="image", disable=not progress))
         for start in range(0, len(items), cfg.batch_size):
             part = items[start : start + cfg.batch_size]
             done = [_finished_image(folder / it.file, settings[it.index]) for it in part]

@@ -399,3 +399,39 @@ def test_a_window_needs_the_runs_length():
     outside = GuidanceState(process, 500, torch.zeros(1, 1, 8, 8), "epsilon", step=2, num_steps=10)
     assert SLG(3.0, 2.0, layers=[0]).predictions_needed(inside)["slg"] is True  # 10 * 0.01 < 1 < 10 * 0.2
     assert SLG(3.0, 2.0, layers=[0]).predictions_needed(outside)["slg"] is False  # SD3: i < N stop, strictly
+
+
+# -- every pipeline guide() hooks ------------------------------------------------------------------------------------
+UNETS = ("sd", "sd_img2img", "sd_inpaint", "sd_controlnet", "sdxl", "sdxl_img2img", "animatediff")
+PAG_LAYERS = {**{name: ["mid"] for name in UNETS}, "wan": ["blocks.0"]}
+SLG_LAYERS = {**{name: dict(layers=[0], fqn="mid_block.attentions.0.transformer_blocks") for name in UNETS},
+              "animatediff": dict(layers=[0], fqn="mid_block.attentions.0.transformer_blocks")}
+
+
+@pytest.mark.parametrize("name", [n for n in PIPELINES if n != "sd_pag"])
+def test_pag_and_slg_in_every_pipeline(name):
+    """PAG and SLG run in every pipeline guide() hooks (SLG where diffusers knows the blocks), change the result,
+    run the rows they say, and leave the network as it was."""
+    pipe, call = pipeline(name), PIPELINES[name][1]
+    network = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    with guide(pipe, CFG(3.0)):
+        cfg = output(pipe, call(3.0))
+    state = _module_state(network)  # after a first call: Flux's pipeline gives its transformer a hook registry itself
+    rules = {"pag": PAG(3.0, 2.0, layers=PAG_LAYERS.get(name, ["transformer_blocks.0"]))}
+    slg = dict(SLG_LAYERS.get(name, dict(layers=[0])), start=None, stop=None)
+    if name == "sana":  # diffusers' layer-skip hooks know neither Sana's blocks nor its linear attention
+        with pytest.raises(ValueError, match="skip='block' is not available for SanaTransformerBlock blocks"):
+            guide(pipe, SLG(3.0, 2.0, **slg))
+    else:
+        rules["slg"] = SLG(3.0, 2.0, **slg)
+    for label, rule in rules.items():
+        rows, handle = first_layer_rows(network)
+        try:
+            with guide(pipe, rule) as hook:
+                guided = output(pipe, call(3.0))
+        finally:
+            handle.remove()
+        frames = 2 if name == "animatediff" else 1  # its first layer sees every frame as a row
+        assert hook.network_evaluations * frames == sum(rows), (name, label)
+        assert float((guided - cfg).abs().max()) > 1e-6, (name, label)
+        assert _module_state(network) == state, (name, label)

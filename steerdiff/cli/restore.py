@@ -36,6 +36,7 @@ from PIL import Image
 from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
+from ..guidance import get_rule
 from ..guidance.manifold import RestorationMethod, make_method
 from ..devices import check_device
 from ..run_folder import check_writable_folder, claim_run_folder
@@ -114,6 +115,7 @@ class RestoreConfig(StrictModel):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     use_labels: bool = False  # condition a class-conditional model on the true class
     guidance_scale: float = Field(1.0, ge=0)  # classifier-free guidance towards that class (needs use_labels)
+    guidance: Spec | None = None  # or any guidance rule by name towards that class: {name: pag, scale: 3, kwargs: {...}}
     metrics: list[Literal["psnr", "ssim", "fd", "accuracy"]] = Field(default_factory=lambda: list(METRICS))
     seed: int = 0
     batch_size: int = Field(200, ge=1)
@@ -139,6 +141,15 @@ class RestoreConfig(StrictModel):
                 raise ValueError(f"{what} names must be unique; repeated: {dup} (set a distinct name/label)")
         if self.guidance_scale != 1.0 and not self.use_labels:
             raise ValueError("guidance_scale != 1 needs use_labels: true (guidance towards the true class)")
+        if self.guidance is not None:
+            if not self.use_labels:
+                raise ValueError("guidance needs use_labels: true (guidance towards the true class)")
+            if self.guidance_scale != 1.0:
+                raise ValueError("give guidance_scale or guidance, not both (the rule sets the guidance)")
+            try:
+                get_rule(self.guidance.name, **self.guidance.kwargs)
+            except (ValueError, TypeError, FileNotFoundError) as err:
+                raise ValueError(f"guidance: {err}") from None
         return self
 
 
@@ -264,6 +275,8 @@ class Scorer:
 def fingerprint(cfg: RestoreConfig, task: TaskSpec, method: MethodSpec) -> str:
     """Hash of everything that determines a cell's restorations (plain sampling ignores the task)."""
     keys = cfg.model_dump(include={"model", "data", "sampler", "use_labels", "guidance_scale", "seed", "dtype"})
+    if cfg.guidance is not None:  # absent otherwise, so that the cells of earlier runs keep their fingerprints
+        keys.update(guidance=cfg.guidance.model_dump(exclude={"label"}, exclude_none=True))
     keys.update(method=method.model_dump(exclude={"label"}))
     if method.name != "unconditional":
         keys.update(task=task.model_dump(exclude={"name", "methods"}))
@@ -280,6 +293,8 @@ def restore_all(pipe, cfg, task, method, y, labels, masks) -> tuple[torch.Tensor
         sl = slice(lo, min(lo + cfg.batch_size, n))
         if cfg.use_labels:
             kwargs.update(class_labels=labels[sl].to(pipe.device), guidance_scale=cfg.guidance_scale)
+            if cfg.guidance is not None:
+                kwargs["guidance_rule"] = get_rule(cfg.guidance.name, **cfg.guidance.kwargs)
         out = pipe(y[sl], batch_operator(task.operator, masks, sl), task.sigma_y, cfg.sampler.steps,
                    generator=generators(cfg.seed + lo, sl.stop - lo), output_type="latent", **kwargs)
         chunks.append(out.images.detach().to("cpu", torch.float32))

@@ -257,6 +257,8 @@ def guide_predictions(rule, state: GuidanceState, request: Request, outputs: Map
     """The guided prediction from the evaluated rows (``outputs``: "cond" for every sample, each other name for the
     rows ``request`` asked for): rows not evaluated hold the conditional prediction, and the state says which were."""
     cond = outputs[COND]
+    if not request.perturbations and request.rows[UNCOND] is None:  # plain CFG-style evaluation: nothing to fill
+        return rule(cond, outputs[UNCOND], state)
     filled, evaluated = {}, {}
     for name, rows in request.rows.items():
         if rows is None:

@@ -15,8 +15,6 @@ module, or a local folder holding one).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..core.guidance_protocol import UNCOND
 from .base import GuidanceRule
 from .perturbations import WeakModel
@@ -48,8 +46,7 @@ class AutoGuidance(GuidanceRule):
         return weak + scale_at(self.scale, state, cond) * (cond - weak)
 
     def __repr__(self) -> str:
-        model = self.weak.model
-        return f"AutoGuidance(scale={self.scale!r}, weak_model={str(model) if isinstance(model, Path) else type(model).__name__!r})"
+        return f"AutoGuidance(scale={self.scale!r}, weak_model={self.weak._fields()['model']!r})"
 
 
 __all__ = ["AutoGuidance"]

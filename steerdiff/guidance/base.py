@@ -124,7 +124,8 @@ class GuidanceRule:
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, state: GuidanceState) -> torch.Tensor:
         check_pair(cond, uncond, state)
         space = self.space_for(state)
-        state = state.replace(space=space)  # perturbed predictions are read in the same parametrization
+        if space != state.space:
+            state = state.replace(space=space)  # perturbed predictions are read in the same parametrization
         if space is None:
             guided = self.combine(cond, uncond, state)
         else:

@@ -89,17 +89,27 @@ class SkipLayers(Perturbation):
         self.layers, self.fqn, self.skip = tuple(layers), fqn, skip
 
 
+BUILTIN_WEAK_MODELS = ("digits-weak", "digits-flow-weak")
+"""The shipped weak versions of the digits models (the same networks trained for 1/8 of the budget)."""
+
+
 class WeakModel(Perturbation):
     """Another network called in the model's place: ``model`` is a module with the same call signature as the
-    model (a smaller or less-trained version of it), or the path of a local folder holding one (a pipeline folder
-    with ``model_index.json``, whose component of the model's own name is used, or a model folder with
-    ``config.json``; safetensors only), loaded on first use on the model's device and dtype."""
+    model (a smaller or less-trained version of it), the path of a local folder holding one (a pipeline folder
+    with ``model_index.json``, whose component of the model's own class is used, or a model folder with
+    ``config.json``; safetensors only), or one of :data:`BUILTIN_WEAK_MODELS`; folders are loaded once, on the
+    model's device and dtype, when the rule is attached."""
 
     def __init__(self, model):
-        if isinstance(model, (str, Path)):
+        if isinstance(model, str) and model in BUILTIN_WEAK_MODELS:
+            pass
+        elif isinstance(model, (str, Path)):
             model = Path(model).expanduser()
             if not model.is_dir():
-                raise FileNotFoundError(f"weak_model {str(model)!r} is not a folder (a diffusers pipeline or model folder)")
+                raise FileNotFoundError(
+                    f"weak_model {str(model)!r} is not a folder (a diffusers pipeline or model folder) nor one of the "
+                    f"built-in weak models {BUILTIN_WEAK_MODELS}"
+                )
         elif not callable(model):
             raise TypeError(f"weak_model must be a network (an nn.Module) or a local folder, got {type(model).__name__}")
         self.model = model
@@ -107,7 +117,7 @@ class WeakModel(Perturbation):
 
     def _fields(self) -> dict[str, Any]:
         model = self.model
-        return {"model": str(model) if isinstance(model, Path) else type(model).__name__}
+        return {"model": model if isinstance(model, str) else str(model) if isinstance(model, Path) else type(model).__name__}
 
 
-__all__ = ["SKIPS", "AttentionIdentity", "Perturbation", "QueryBlur", "SkipLayers", "WeakModel"]
+__all__ = ["BUILTIN_WEAK_MODELS", "SKIPS", "AttentionIdentity", "Perturbation", "QueryBlur", "SkipLayers", "WeakModel"]

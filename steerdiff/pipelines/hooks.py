@@ -24,11 +24,18 @@ same way.  The guided channels are the prediction's: the first half of a learned
 latent channels of an inpainting UNet's wider input.  SD's ``guidance_rescale`` is refused under a rule (use
 CFGRescale).  The pipeline must be called with its CFG on; the value it receives is not used.
 
-Skipping.  Before the unconditional evaluation the rule says which samples need it
-(:meth:`~steerdiff.guidance.GuidanceRule.uncond_needed`): in the doubled-batch pattern the network runs on the
-conditional half plus the unconditional rows still needed, in the two-call pattern the unconditional call runs
-on those rows, or not at all.  (PAG's tripled batch always runs whole: its attention processors split the batch
-in three.)  Deciding which rows to run synchronises with the device once per step, for rules that can skip only.
+One rule protocol.  Per step the hook plans with the rule which samples need which prediction
+(:func:`~steerdiff.core.guidance_protocol.plan_predictions`: the unconditional one, and each perturbed prediction
+the rule declares), evaluates those rows only, and combines with
+:func:`~steerdiff.core.guidance_protocol.guide_predictions`: in the doubled-batch pattern the network runs on the
+conditional half plus the unconditional rows still needed; in the two-call pattern the unconditional call runs on
+those rows, or not at all.  Perturbed predictions (PAG, SEG, SLG, AutoGuidance; :mod:`.perturb`) run on the
+conditional inputs with their perturbation applied for that call only: PAG shares the step's call where diffusers
+has batched PAG processors ([u; c; p], or [c; p] when no unconditional row is needed), else each perturbed
+prediction runs in a call of its own (in the two-call pattern, on the conditional call's inputs, kept from it).
+A PAG pipeline's own tripled batch [u; c; p] (pag_scale > 0) always runs whole and cannot be combined with a rule
+that perturbs too.  Deciding which rows to run synchronises with the device once per step, for rules that can
+skip some samples only.
 
 Noise levels.  On VP pipelines alpha and sigma come from the scheduler config's noise process at the network's
 timestep; on flow-matching pipelines, whose networks may see rescaled timesteps (Flux: t / 1000), from the
@@ -44,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -271,6 +279,7 @@ class GuidanceHook:
     def _begin_run(self, timesteps) -> None:
         self._step = 0
         self._num_steps = None if timesteps is None else len(timesteps)
+        self._sigmas = None
         self._checked = False
         self._pending = None
         self.rule.reset(timesteps)
@@ -332,16 +341,19 @@ class GuidanceHook:
         if self.schedule.kind == "flow":
             sched = self._scheduler
             index = sched.step_index if sched.step_index is not None else (sched.begin_index or 0)
-            s = float(sched.sigmas[index])
+            if self._sigmas is None or self._sigmas[0] is not sched.sigmas:  # read once per run (one host read)
+                self._sigmas = (sched.sigmas, sched.sigmas.tolist())
+            s = self._sigmas[1][index]
             t = s * self.schedule.num_train_timesteps
             return GuidanceState(self.schedule, t, sample, self.prediction_type, self._step, alpha=1.0 - s, sigma=s,
                                  num_steps=self._num_steps)
         return GuidanceState(self.schedule, timestep, sample, self.prediction_type, self._step, num_steps=self._num_steps)
 
     def _finite(self, guided: torch.Tensor, timestep, batch: int, *predictions: torch.Tensor) -> None:
-        """One pass over what the pipeline receives (NaN/Inf in a prediction reaches it through every rule); the
-        network outputs are read only to word the error."""
-        if self.check_finite and not bool(torch.isfinite(guided).all()):
+        """One reduction over what the pipeline receives (NaN/Inf in a prediction reaches it through every rule: the
+        sum is NaN/Inf whenever an entry is, and rarely on overflow, which the exact check then clears); the network
+        outputs are read only to word the error."""
+        if self.check_finite and not math.isfinite(float(guided.sum())) and not bool(torch.isfinite(guided).all()):
             # the step, its timestep and how many samples (not CFG rows) went bad
             NonFiniteWatch("eager", "the network output").update(self._step, torch.cat(predictions), timestep, batch=batch)
             NonFiniteWatch("eager", f"the guided prediction of {self.rule!r}").update(self._step, guided, timestep, batch=batch)
@@ -502,7 +514,8 @@ def guide(pipe, rule: GuidanceRule, *, check_finite: bool = True) -> GuidanceHoo
 
     Use it as a context manager, ``with guide(pipe, APG(9.0)): images = pipe(prompt, guidance_scale=2).images``,
     or as a plain call, ``hook = guide(pipe, rule)`` ... ``hook.remove()``.  The pipeline must be called with its
-    CFG branch on (guidance_scale > 1); the rule alone sets the guidance.  ``check_finite`` raises a
+    CFG branch on (guidance_scale > 1); the rule alone sets the guidance.  A rule's perturbations are checked
+    against the network here (layer names, block indices; a weak model folder is loaded), before any sampling.  ``check_finite`` raises a
     FloatingPointError naming the step when the network output or the guided prediction holds NaN/Inf (one
     device synchronisation per step; turn it off for speed).
     """

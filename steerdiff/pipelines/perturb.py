@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,7 @@ from diffusers.hooks.layer_skip import AttentionProcessorSkipHook, _apply_layer_
 from diffusers.models import attention_processor as ap
 
 from ..guidance.perturbations import AttentionIdentity, Perturbation, QueryBlur, SkipLayers, WeakModel
+from ..testbeds.digits import DIGITS_FLOW_WEAK_MODEL_PATH, DIGITS_WEAK_MODEL_PATH
 from ..weights import check_safetensors_folder
 
 HOOK_NAME = "steerdiff_perturbation"
@@ -86,9 +88,19 @@ def _listing(names: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+_MATCHED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def matched_attention_layers(module: torch.nn.Module, layers: tuple[str, ...]) -> list[tuple[str, torch.nn.Module]]:
-    """The self-attention layers the patterns ``layers`` select; a pattern that selects none is an error naming the
-    layers that exist."""
+    """The self-attention layers the patterns ``layers`` select (found once per network and patterns); a pattern
+    that selects none is an error naming the layers that exist."""
+    cache = _MATCHED.setdefault(_base(module), {})
+    if layers not in cache:
+        cache[layers] = _match_attention_layers(module, layers)
+    return cache[layers]
+
+
+def _match_attention_layers(module: torch.nn.Module, layers: tuple[str, ...]) -> list[tuple[str, torch.nn.Module]]:
     available = self_attention_layers(module)
     if not available:
         raise ValueError(f"{type(_base(module)).__name__} has no self-attention layers to perturb")
@@ -152,6 +164,7 @@ def check_perturbation(module: torch.nn.Module, perturbation: Perturbation) -> N
     elif isinstance(perturbation, WeakModel):
         if perturbation.model is module or perturbation.model is _base(module):
             raise ValueError("weak_model is the model itself: AutoGuidance needs a weaker network")
+        weak_network(module, perturbation)  # a folder is loaded (and checked) now, before any sampling
     else:
         raise TypeError(f"unknown perturbation {perturbation!r}")
 
@@ -289,7 +302,7 @@ def _load_weak(perturbation: WeakModel, like: torch.nn.Module) -> torch.nn.Modul
     key = (cls, base.device, base.dtype)
     if key in perturbation.loaded:
         return perturbation.loaded[key]
-    root = perturbation.model
+    root = _weak_folder(perturbation.model)
     folder = root
     if (root / "model_index.json").is_file():
         subfolders = [d for d in sorted(root.iterdir()) if (d / "config.json").is_file()
@@ -310,9 +323,16 @@ def _load_weak(perturbation: WeakModel, like: torch.nn.Module) -> torch.nn.Modul
     return weak
 
 
+def _weak_folder(model) -> Path:
+    """A weak model's folder: the path itself, or a built-in weak digits model."""
+    if isinstance(model, Path):
+        return model
+    return {"digits-weak": DIGITS_WEAK_MODEL_PATH, "digits-flow-weak": DIGITS_FLOW_WEAK_MODEL_PATH}[model]
+
+
 def weak_network(module: torch.nn.Module, perturbation: WeakModel) -> torch.nn.Module:
-    """The network AutoGuidance calls in place of ``module``."""
-    if isinstance(perturbation.model, Path):
+    """The network AutoGuidance calls in place of ``module`` (a folder's is loaded once)."""
+    if isinstance(perturbation.model, (str, Path)):
         return _load_weak(perturbation, module)
     return perturbation.model
 

@@ -62,6 +62,10 @@ DIGITS_MODEL_PATH = ASSETS_DIR / "digits"
 """The shipped diffusers pipeline folder of the digits model."""
 DIGITS_FLOW_MODEL_PATH = ASSETS_DIR / "digits_flow"
 """Its rectified-flow twin (``scripts/train_digits.py --objective flow``): same UNet and label dropout, velocity."""
+DIGITS_WEAK_MODEL_PATH = ASSETS_DIR / "digits_weak"
+"""A weak version of the digits model for AutoGuidance: the same network and recipe trained for 1/8 of the budget."""
+DIGITS_FLOW_WEAK_MODEL_PATH = ASSETS_DIR / "digits_flow_weak"
+"""The same for the rectified-flow model."""
 
 _SPLITS = ("all", "train", "test")
 
@@ -141,6 +145,8 @@ def load_digits_model(device=None, dtype: torch.dtype = torch.float32, path: str
 
 
 __all__ = [
+    "DIGITS_FLOW_WEAK_MODEL_PATH",
+    "DIGITS_WEAK_MODEL_PATH",
     "DIGITS_FLOW_MODEL_PATH",
     "DIGITS_MODEL_PATH",
     "DIGITS_VARIANTS",
