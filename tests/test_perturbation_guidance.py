@@ -435,3 +435,26 @@ def test_pag_and_slg_in_every_pipeline(name):
         assert hook.network_evaluations * frames == sum(rows), (name, label)
         assert float((guided - cfg).abs().max()) > 1e-6, (name, label)
         assert _module_state(network) == state, (name, label)
+
+
+def test_perturbed_rules_compose_with_schedules_and_a_cfg_rule():
+    """g = u + w (c - u) + s (c - p) with a weight schedule on s (per sample, from each sample's noise level), and with
+    APG in place of the CFG term: g = APG(c, u) + s (c - p)."""
+    from steerdiff.core import GuidanceState
+    from steerdiff.guidance import APG, Linear
+
+    process = NoiseSchedule.from_config({"num_train_timesteps": 1000})
+    gen = torch.Generator().manual_seed(0)
+    x, c, u, p = torch.randn(4, 3, 1, 4, 4, generator=gen, dtype=torch.float64)
+    state = GuidanceState(process, torch.tensor([900, 500, 100]), x, "epsilon", perturbed={"pag": p})
+    schedule = Linear(w0=3.0)
+    got = PAG(2.0, schedule)(c, u, state)
+    s = schedule(state.progress).reshape(-1, 1, 1, 1)
+    assert torch.allclose(got, u + 2.0 * (c - u) + s * (c - p), atol=1e-12)
+    assert len(set(s.flatten().tolist())) == 3  # three different weights, one per sample
+    apg = APG(5.0, norm_threshold=0.5, momentum=0.0)
+    composed = PAG(APG(5.0, norm_threshold=0.5, momentum=0.0), 1.5)(c, u, state)
+    assert torch.allclose(composed, apg(c, u, state) + 1.5 * (c - p), atol=1e-12)
+    assert PAG(APG(5.0), 1.5).predictions_needed(state)["uncond"] is None
+    with pytest.raises(ValueError, match="must be a two-prediction rule"):
+        PAG(SEG(3.0, 2.0), 1.5)

@@ -93,8 +93,8 @@ class GuidanceState:
         self.evaluated = evaluated
         self._given_levels = None if alpha is None else (alpha, sigma)
         self.num_steps = None if num_steps is None else int(num_steps)
-        self.perturbed = dict(perturbed or {})
-        self.perturbed_evaluated = dict(perturbed_evaluated or {})
+        self.perturbed = dict(perturbed) if perturbed else {}
+        self.perturbed_evaluated = dict(perturbed_evaluated) if perturbed_evaluated else {}
         self.space: str | None = None  # the parametrization the rule combines in (set by GuidanceRule.__call__)
 
     @property

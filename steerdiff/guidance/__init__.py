@@ -1,4 +1,5 @@
-"""Guidance rules that combine the conditional and unconditional predictions of one network evaluation.
+"""Guidance rules that combine the predictions of one network evaluation: conditional, unconditional, and the
+perturbed ones a rule declares (:mod:`.perturbations`).
 
 Weight convention (diffusers'): g = u + w (c - u); w = 1 is conditional only.  Rules: :class:`CFG`,
 :class:`APG`, :class:`APGMix`, :class:`CFGRescale`, :class:`CFGZeroStar`, :class:`TCFG`, :class:`FDG`,
@@ -7,7 +8,8 @@ Weight convention (diffusers'): g = u + w (c - u); w = 1 is conditional only.  R
 :class:`AdaptiveGuidance`, :class:`LinearAG`; weight schedules of the noise level usable as any rule's
 ``scale``.  For inverse problems, :class:`MCG` and :class:`DPS` (:mod:`.manifold`) with the measurement
 operators of :mod:`.operators`.  Use the guidance rules in a diffusers pipeline with :func:`steerdiff.pipelines.guide`, in a modular pipeline with
-:class:`steerdiff.guidance.modular.RuleGuider`, or by name with :func:`get_rule`.
+:class:`steerdiff.pipelines.modular.RuleGuider` (also ``steerdiff.guidance.RuleGuider``), or by name with
+:func:`get_rule`.
 """
 
 from .adaptive import AdaptiveGuidance, LinearAG, cosine_similarity

@@ -39,7 +39,7 @@ class AutoGuidance(GuidanceRule):
         return {self.name: self.weak}
 
     def predictions_needed(self, state):
-        return {UNCOND: False, self.name: _mask(scale_at(self.scale, state, state.sample), state, lambda v: v != 1.0)}
+        return {UNCOND: False, self.name: _mask(scale_at(self.scale, state, state.sample), lambda v: v != 1.0)}
 
     def combine(self, cond, uncond, state):
         weak = state.perturbed_prediction(self.name)

@@ -14,6 +14,10 @@ w the CFG weight (diffusers' convention; w = 1: no CFG, and u is not evaluated) 
   blurred by a Gaussian of std ``blur_sigma`` (inf: uniform queries).
 - :class:`SLG`, skip-layer guidance (Stability AI, SD3.5): the transformer blocks ``layers`` skipped.
 
+The CFG term.  ``scale`` may also be a two-prediction rule, which then replaces u + w (c - u): ``PAG(APG(7.5),
+pag_scale=3)`` guides with APG on D plus the perturbed term (g = APG(c, u) + s (c - p)); the perturbation papers
+pair their term with plain CFG, so that combination is offered, not what they measured.
+
 Steps.  ``start`` / ``stop`` (fractions of the run's evaluations, SD3's ``skip_layer_guidance_start/stop``) limit
 the perturbed term to evaluations i with N start < i < N stop (N: the run's number of evaluations); the CFG term
 applies at every evaluation.  None (PAG's and SEG's default) puts no bound on that side.
@@ -42,10 +46,11 @@ def _fraction(value, name: str) -> float | None:
     return None if value is None else check_scalar(value, name, low=0.0, high=1.0)
 
 
-def _mask(value, like_state: GuidanceState, keep) -> torch.Tensor | bool:
-    """``keep(value)`` as a per-sample mask (a tensor scale) or a bool (a number)."""
+def _mask(value, keep) -> bool | None:
+    """Whether a prediction is needed for a weight: ``keep(value)`` for a number; None (every sample) for a weight
+    that varies per sample (a schedule), so that deciding costs no device synchronisation."""
     if torch.is_tensor(value):
-        return keep(value).reshape(like_state.batch_size, -1).any(dim=1)
+        return None
     return bool(keep(value))
 
 
@@ -59,7 +64,12 @@ class PerturbedGuidance(GuidanceRule):
                  perturbation: Perturbation, start: float | None = None, stop: float | None = None):
         if not isinstance(perturbation, Perturbation):
             raise TypeError(f"perturbation must be a steerdiff Perturbation, got {type(perturbation).__name__}")
-        self.scale = as_scale(scale)
+        if isinstance(scale, GuidanceRule):
+            if scale.perturbations:
+                raise ValueError(f"the CFG term of {type(self).__name__} must be a two-prediction rule, got {scale!r}")
+            self.cfg_rule, self.scale = scale, None
+        else:
+            self.cfg_rule, self.scale = None, as_scale(scale)
         self.perturbed_scale = as_scale(perturbed_scale, f"{self.name}_scale")
         self.perturbation = perturbation
         self.start = _fraction(start, "start")
@@ -87,18 +97,28 @@ class PerturbedGuidance(GuidanceRule):
     def _perturbed_weight(self, state: GuidanceState, like: torch.Tensor):
         return scale_at(self.perturbed_scale, state, like)
 
+    @property
+    def stateful(self) -> bool:
+        return self.cfg_rule is not None and self.cfg_rule.stateful
+
+    def reset(self, timesteps=None) -> None:
+        if self.cfg_rule is not None:
+            self.cfg_rule.reset(timesteps)
+
     def predictions_needed(self, state):
         probe = state.sample
-        w = scale_at(self.scale, state, probe)
+        if self.cfg_rule is not None:
+            uncond = self.cfg_rule.uncond_needed(state)
+        else:
+            uncond = _mask(scale_at(self.scale, state, probe), lambda v: v != 1.0)
         s = self._perturbed_weight(state, probe)
-        return {
-            UNCOND: _mask(w, state, lambda v: v != 1.0),
-            self.name: _mask(s, state, lambda v: v != 0.0) if self.in_window(state) else False,
-        }
+        return {UNCOND: uncond, self.name: _mask(s, lambda v: v != 0.0) if self.in_window(state) else False}
 
     def combine(self, cond, uncond, state):
-        w = scale_at(self.scale, state, cond)
-        guided = uncond + w * (cond - uncond)
+        if self.cfg_rule is not None:
+            guided = self.cfg_rule(cond, uncond, state)
+        else:
+            guided = uncond + scale_at(self.scale, state, cond) * (cond - uncond)
         if not self.in_window(state):
             return guided
         return guided + self._perturbed_weight(state, cond) * (cond - state.perturbed_prediction(self.name))
@@ -108,8 +128,11 @@ class PerturbedGuidance(GuidanceRule):
         return "".join(", " + p for p in parts)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(scale={self.scale!r}, {self.name}_scale={self.perturbed_scale!r}, "
+        return (f"{type(self).__name__}(scale={self._cfg_repr()}, {self.name}_scale={self.perturbed_scale!r}, "
                 f"{self.perturbation!r}{self._window_repr()})")
+
+    def _cfg_repr(self) -> str:
+        return repr(self.cfg_rule if self.cfg_rule is not None else self.scale)
 
 
 class PAG(PerturbedGuidance):
@@ -138,7 +161,7 @@ class PAG(PerturbedGuidance):
 
     def __repr__(self) -> str:
         adaptive = f", adaptive_scale={self.adaptive_scale:g}" if self.adaptive_scale else ""
-        return (f"PAG(scale={self.scale!r}, pag_scale={self.pag_scale!r}, layers={list(self.perturbation.layers)!r}"
+        return (f"PAG(scale={self._cfg_repr()}, pag_scale={self.pag_scale!r}, layers={list(self.perturbation.layers)!r}"
                 f"{adaptive}{self._window_repr()})")
 
 
@@ -156,7 +179,7 @@ class SEG(PerturbedGuidance):
 
     def __repr__(self) -> str:
         p = self.perturbation
-        return (f"SEG(scale={self.scale!r}, seg_scale={self.perturbed_scale!r}, layers={list(p.layers)!r}, "
+        return (f"SEG(scale={self._cfg_repr()}, seg_scale={self.perturbed_scale!r}, layers={list(p.layers)!r}, "
                 f"blur_sigma={p.sigma:g}{self._window_repr()})")
 
 
@@ -175,7 +198,7 @@ class SLG(PerturbedGuidance):
     def __repr__(self) -> str:
         p = self.perturbation
         extra = (f", fqn={p.fqn!r}" if p.fqn != "auto" else "") + (f", skip={p.skip!r}" if p.skip != "block" else "")
-        return (f"SLG(scale={self.scale!r}, slg_scale={self.perturbed_scale!r}, layers={list(p.layers)!r}"
+        return (f"SLG(scale={self._cfg_repr()}, slg_scale={self.perturbed_scale!r}, layers={list(p.layers)!r}"
                 f"{self._window_repr()}{extra})")
 
 

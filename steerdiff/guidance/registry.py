@@ -61,8 +61,13 @@ def get_schedule(name: str, **kwargs: Any) -> WeightSchedule:
 def _scale(value: Any) -> Any:
     if isinstance(value, Mapping):
         spec = dict(value)
+        if "name" in spec and "schedule" not in spec:  # a rule as the CFG term of PAG / SEG / SLG
+            return _inner_rule(spec)
         if "schedule" not in spec:
-            raise ValueError(f"a scale given as a mapping needs a 'schedule' key (one of {', '.join(SCHEDULES)}), got {value!r}")
+            raise ValueError(
+                f"a scale given as a mapping needs a 'schedule' key (one of {', '.join(SCHEDULES)}), or a 'name' key for "
+                f"a rule as PAG / SEG / SLG's CFG term; got {value!r}"
+            )
         return get_schedule(spec.pop("schedule"), **spec)
     return value
 

@@ -406,7 +406,7 @@ class GuidanceHook:
             outputs = {COND: prediction[cond_rows], UNCOND: prediction[uncond_rows]}
         else:
             request = plan_predictions(self.rule, state)
-            out, outputs = self._evaluate_batched(module, inner, args, kwargs, n, b, cond_first, request, spatial)
+            out, outputs = self._evaluate_batched(module, inner, args, kwargs, n, b, cond_first, request, spatial, x.device)
         cond = outputs[COND]
         channels = _guided_channels(cond, x[cond_rows])
         if channels is not None:  # guide the prediction's channels only (learned sigma, inpainting inputs)
@@ -423,17 +423,21 @@ class GuidanceHook:
             return _repack(out, torch.cat([guided, guided, guided - (cond - perturbed_rows)]))
         return _repack(out, torch.cat([guided, guided]))
 
-    def _evaluate_batched(self, module, inner, args, kwargs, n, b, cond_first, request, spatial):
+    def _evaluate_batched(self, module, inner, args, kwargs, n, b, cond_first, request, spatial, device):
         """The rows ``request`` asks for, from a call on the pipeline's [uncond; cond] batch (or [cond; uncond]):
         the unconditional rows it needs and every conditional row in one call; a perturbed prediction of every
         sample shares that call when diffusers has batched processors for it (PAG: [u; c; p] or [c; p]), else it
         runs in a call of its own on the conditional rows."""
-        device = args[0].device if args and torch.is_tensor(args[0]) else None
+        cond_rows, uncond_rows = (slice(0, b), slice(b, n)) if cond_first else (slice(b, n), slice(0, b))
+        u_rows = request.rows[UNCOND]
+        wanted = request.perturbed()
+        if u_rows is None and not wanted:  # the pipeline's own call, whole (views, no gathers)
+            out = self._call(inner, args, kwargs, None, n)
+            prediction = _prediction(out)
+            return out, {COND: prediction[cond_rows], UNCOND: prediction[uncond_rows]}
         samples = torch.arange(b, device=device)
         cond_idx = samples if cond_first else b + samples
         uncond_idx = b + samples if cond_first else samples
-        u_rows = request.rows[UNCOND]
-        wanted = request.perturbed()
         outputs = {}
         grouped = (
             len(wanted) == 1 and wanted[0][1] is None and (u_rows is None or u_rows.numel() == 0)
@@ -447,7 +451,7 @@ class GuidanceHook:
                                        torch.cat([base, cond_idx]), n, spatial, groups=groups)
             prediction = _prediction(out)
             if u_rows is None:
-                outputs[COND], outputs[UNCOND] = prediction[:n][cond_idx], prediction[:n][uncond_idx]
+                outputs[COND], outputs[UNCOND] = prediction[cond_rows], prediction[uncond_rows]
             else:
                 outputs[COND] = prediction[:b]
             outputs[name] = prediction[-b:]
@@ -455,7 +459,7 @@ class GuidanceHook:
         if u_rows is None:
             out = self._call(inner, args, kwargs, None, n)
             prediction = _prediction(out)
-            outputs[COND], outputs[UNCOND] = prediction[cond_idx], prediction[uncond_idx]
+            outputs[COND], outputs[UNCOND] = prediction[cond_rows], prediction[uncond_rows]
         else:
             k = u_rows.numel()
             rows = torch.cat([cond_idx, uncond_idx[u_rows]]) if cond_first else torch.cat([uncond_idx[u_rows], cond_idx])

@@ -249,9 +249,11 @@ def blur_queries(query: torch.Tensor, sigma: float, spatial=None, layer: str = "
     b, n, c = query.shape
     grid = _grid(n, spatial)
     if grid is None:
+        known = f"a {spatial[0]} x {spatial[1]} latent" if spatial is not None else "a square grid (the latent's size is not known here)"
         raise ValueError(
-            f"SEG cannot lay the {n} query tokens of layer {layer!r} out on the image grid (latent {spatial}): it blurs "
-            "image tokens only (joint text-image streams such as Flux's single blocks are not supported)"
+            f"SEG cannot lay the {n} query tokens of layer {layer!r} out on {known}: it blurs the queries of image "
+            "tokens only, not video tokens nor joint text-image streams (Flux's single blocks; name its double-stream "
+            "blocks with '^transformer_blocks')"
         )
     h, w = grid
     q = query.transpose(1, 2).reshape(b, c, h, w)
