@@ -128,6 +128,7 @@ class Denoiser:
         self.check_finite = bool(check_finite)
         self.network_calls = 0
         self.network_evaluations = 0
+        self.skipped_calls = 0  # evaluations whose rule needed no prediction at all (the network was not run)
         self._step = 0
         self._num_steps: int | None = None
 
@@ -190,6 +191,9 @@ class Denoiser:
     def _evaluate(self, x, t, cond, k, request: Request) -> dict[str, torch.Tensor]:
         """The rows ``request`` asks for: the conditional and unconditional ones in one call on [uncond rows; cond],
         each perturbed prediction in a call of its own on the conditional inputs of its rows."""
+        if not request.cond:  # the rule needs no prediction here (CFG-Zero*'s zero-init): nothing runs
+            self.skipped_calls += 1
+            return {COND: torch.zeros_like(x)}
         batch = x.shape[0]
         index = request.rows[UNCOND]
         null = self._null(batch, x.device)

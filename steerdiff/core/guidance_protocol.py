@@ -2,7 +2,9 @@
 
 A rule combines named predictions of one evaluation at x_t into the guided prediction:
 
-- ``"cond"`` (:data:`COND`): the conditional prediction c, always evaluated for every sample;
+- ``"cond"`` (:data:`COND`): the conditional prediction c, evaluated for every sample, unless the rule needs no
+  prediction at all at this evaluation (``{"cond": False}``, e.g. CFG-Zero*'s zero-init steps): then the network is
+  not run and the rule sees placeholders;
 - ``"uncond"`` (:data:`UNCOND`): the unconditional prediction u;
 - any number of *perturbed* predictions the rule declares in ``rule.perturbations`` (name -> a description of what
   to change in the network, or which other network to call, for that evaluation; see
@@ -196,13 +198,15 @@ class GuidanceState:
 
 @dataclass
 class Request:
-    """The rows to evaluate at one step: ``rows`` maps every prediction the rule may use (but "cond", which is always
-    evaluated for every sample) to None (every sample) or a long tensor of sample indices (possibly empty: none);
-    ``perturbations`` maps each perturbed name to its description."""
+    """The rows to evaluate at one step: ``rows`` maps every prediction the rule may use but "cond" to None (every
+    sample) or a long tensor of sample indices (possibly empty: none); ``perturbations`` maps each perturbed name to
+    its description; ``cond`` is False when the rule needs no prediction at all (then nothing else is asked for, and
+    the caller may skip the network and pass a zero placeholder shaped like the prediction as "cond")."""
 
     batch: int
     rows: dict[str, torch.Tensor | None]
     perturbations: dict[str, Any]
+    cond: bool = True
 
     def wanted(self, name: str) -> bool:
         """Whether any row of ``name`` is to be evaluated."""
@@ -245,12 +249,16 @@ def plan_predictions(rule, state: GuidanceState) -> Request:
     """Which rows of which prediction the rule needs at this evaluation."""
     perturbations = dict(getattr(rule, "perturbations", None) or {})
     needs = rule_needs(rule, state)
-    unknown = set(needs) - {UNCOND, *perturbations}
+    unknown = set(needs) - {COND, UNCOND, *perturbations}
     if unknown:
         raise ValueError(f"{rule!r} asked for predictions it does not declare: {sorted(unknown)}")
     batch, device = state.batch_size, state.device
     rows = {name: _rows(needs.get(name), batch, device) for name in (UNCOND, *perturbations)}
-    return Request(batch, rows, perturbations)
+    cond = needs.get(COND) is not False  # all or nothing: a per-sample mask keeps the conditional call
+    request = Request(batch, rows, perturbations, cond)
+    if not cond and any(request.wanted(name) for name in rows):
+        raise ValueError(f"{rule!r} needs no conditional prediction but asks for others: {needs}")
+    return request
 
 
 def guide_predictions(rule, state: GuidanceState, request: Request, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:

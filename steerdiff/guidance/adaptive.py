@@ -28,7 +28,7 @@ import torch
 
 from ..core.prediction import PREDICTION_TYPES
 from ..core.tensors import batch_dot, batch_norm
-from ..core.guidance_protocol import UNCOND
+from ..core.guidance_protocol import COND, UNCOND
 from .base import GuidanceRule, GuidanceState, and_masks, check_scalar, from_space, mask_like, restrict_needs, to_space
 
 LINEAR_AG_FEATURES = ("cond", "cond_prev", "uncond_prev", "bias")
@@ -150,7 +150,7 @@ class _Recorder(GuidanceRule):
         return None
 
     def predictions_needed(self, state):
-        return {name: None for name in (UNCOND, *self.rule.perturbations)}
+        return {name: None for name in (UNCOND, *self.rule.perturbations)}  # and c, always
 
     def __call__(self, cond, uncond, state):
         if state.evaluated is not None:
@@ -225,6 +225,7 @@ class LinearAG(GuidanceRule):
     def predictions_needed(self, state):
         """The inner rule's, without the unconditional prediction at the skipped steps (it is estimated there)."""
         needs = self.rule.predictions_needed(state)
+        needs.pop(COND, None)  # its estimates need c at every step
         if self._skipped(state):
             needs[UNCOND] = False
         return needs

@@ -31,7 +31,7 @@ from numbers import Real
 
 import torch
 
-from ..core.guidance_protocol import UNCOND, GuidanceState, Mask
+from ..core.guidance_protocol import COND, UNCOND, GuidanceState, Mask
 from ..core.prediction import convert_prediction
 
 UncondMask = Mask
@@ -59,8 +59,13 @@ def mask_like(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def restrict_needs(needs: dict[str, Mask], mask: Mask) -> dict[str, Mask]:
-    """Every prediction of ``needs`` restricted to the samples ``mask`` selects (a wrapper guiding some samples only)."""
-    return {name: and_masks(mask, need) for name, need in needs.items()}
+    """Every prediction of ``needs`` restricted to the samples ``mask`` selects (a wrapper guiding some samples only).
+    The conditional prediction is not restricted: the samples left out get it; the inner rule's "none at all" is kept
+    only when the wrapper keeps every sample."""
+    restricted = {name: and_masks(mask, need) for name, need in needs.items() if name != COND}
+    if COND in needs and (mask is None or mask is True):
+        restricted[COND] = needs[COND]
+    return restricted
 
 
 def and_masks(a: UncondMask | torch.Tensor, b: UncondMask | torch.Tensor) -> UncondMask:

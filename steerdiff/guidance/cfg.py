@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.guidance_protocol import COND, UNCOND
 from ..core.prediction import PREDICTION_TYPES
 from ..core.tensors import batch_dot, batch_norm, expand_to
 from .base import GuidanceRule, GuidanceState, check_scalar
@@ -68,7 +69,9 @@ class CFGZeroStar(GuidanceRule):
 
         a* = <c, u> / ||u||^2   (per sample, float64);   g = a* u + w (c - a* u),
 
-    and "zero-init": zero velocity for the first ``zero_init_steps`` evaluations of a run.  The paper works on the
+    and "zero-init": zero velocity for the first ``zero_init_steps`` evaluations of a run, which need no network
+    output: callers that can (the Denoiser, ``guide()`` where the prediction is shaped like the network's input) skip
+    those calls and count them in ``skipped_calls``.  The paper works on the
     velocity of a rectified-flow ODE, x_rf = (1 - s) x0 + s eps: on flow-matching models the rule works on that
     velocity v = eps - x0 (``space_for`` gives "flow_prediction") and zero-init outputs v = 0; on VP models it
     works on eps.
@@ -101,6 +104,12 @@ class CFGZeroStar(GuidanceRule):
             raise ValueError(f"zero_init must be one of {self.ZERO_INIT}, got {zero_init!r}")
         self.zero_init_steps = zero_init_steps
         self.zero_init = zero_init
+
+    def predictions_needed(self, state: GuidanceState):
+        """No prediction at all during zero-init (the output does not depend on the network): the call is skipped."""
+        if state.step < self.zero_init_steps:
+            return {COND: False, UNCOND: False}
+        return {UNCOND: None}
 
     def combine(self, cond, uncond, state: GuidanceState):
         if state.step < self.zero_init_steps:

@@ -55,6 +55,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from ..core.guidance_protocol import COND, UNCOND, GuidanceState, Request, guide_predictions, plan_predictions
 from ..core.nonfinite import NonFiniteWatch
@@ -176,9 +177,27 @@ def _guided_channels(prediction: torch.Tensor, x: torch.Tensor) -> int | None:
     return None
 
 
+def _shaped_like_input(module: torch.nn.Module) -> bool:
+    """Whether the network's prediction has its input's shape, read from its config (in_channels = out_channels,
+    no learned sigma): then a placeholder of the input's shape stands for a prediction the rule does not need."""
+    config = getattr(getattr(module, "_orig_mod", module), "config", None)
+    if config is None:
+        return False
+    in_channels = config.get("in_channels")
+    out_channels = config.get("out_channels") or in_channels
+    return in_channels is not None and in_channels == out_channels
+
+
+def _placeholder_output(like: torch.Tensor, kwargs: dict):
+    """A network output holding zeros shaped like ``like``, in the form the pipeline asked for (return_dict)."""
+    zeros = torch.zeros_like(like)
+    return (zeros,) if kwargs.get("return_dict", True) is False else Transformer2DModelOutput(sample=zeros)
+
+
 class GuidanceHook:
     """The installed hook; see :func:`guide`.  Counters (cumulative since installation): ``network_calls``
-    (forward passes of the denoiser) and ``network_evaluations`` (samples passed through it)."""
+    (forward passes of the denoiser), ``network_evaluations`` (samples passed through it) and ``skipped_calls``
+    (calls the pipeline made that were not run because the rule needed no prediction: CFG-Zero*'s zero-init)."""
 
     def __init__(self, pipe, rule: GuidanceRule, check_finite: bool = True):
         if not isinstance(rule, GuidanceRule):
@@ -198,6 +217,7 @@ class GuidanceHook:
         self.prediction_type = prediction_type_from_config(scheduler)
         self.network_calls = 0
         self.network_evaluations = 0
+        self.skipped_calls = 0
         self._step = 0
         self._checked = False
         self._pending = None  # separate calls: the conditional call of this step, waiting for its partner
@@ -406,7 +426,12 @@ class GuidanceHook:
             outputs = {COND: prediction[cond_rows], UNCOND: prediction[uncond_rows]}
         else:
             request = plan_predictions(self.rule, state)
-            out, outputs = self._evaluate_batched(module, inner, args, kwargs, n, b, cond_first, request, spatial, x.device)
+            if not request.cond and _shaped_like_input(module):  # no prediction needed: the network is not run
+                self.skipped_calls += 1
+                out = _placeholder_output(x, kwargs)
+                outputs = {COND: _prediction(out)[cond_rows]}
+            else:
+                out, outputs = self._evaluate_batched(module, inner, args, kwargs, n, b, cond_first, request, spatial, x.device)
         cond = outputs[COND]
         channels = _guided_channels(cond, x[cond_rows])
         if channels is not None:  # guide the prediction's channels only (learned sigma, inpainting inputs)
@@ -485,18 +510,25 @@ class GuidanceHook:
         if pending is not None and pending["key"] != key:
             raise self._no_uncond_branch()  # the last step's conditional call had no unconditional partner
         b = x.shape[0]
+        state = self._state(timestep, x)
+        skippable = _shaped_like_input(module) and not self.layout.rescale_to_cond_norm
         if pending is None:
-            out = self._call(inner, args, kwargs, None, b)
+            if skippable and not plan_predictions(self.rule, state).cond:
+                self.skipped_calls += 1  # no prediction needed at this step: neither call runs
+                out = _placeholder_output(x, kwargs)
+            else:
+                out = self._call(inner, args, kwargs, None, b)
             self._pending = {"key": key, "out": out, "args": args, "kwargs": kwargs}
             return out
         self._pending = None
         cond_out = pending["out"]
         cond = _prediction(cond_out)
-        state = self._state(timestep, x)
         request = plan_predictions(self.rule, state)
         outputs = {COND: cond}
         u_rows = request.rows[UNCOND]
-        if u_rows is None or u_rows.numel():
+        if skippable and not request.cond:
+            self.skipped_calls += 1
+        elif u_rows is None or u_rows.numel():
             outputs[UNCOND] = _prediction(self._call(inner, args, kwargs, u_rows, b))
         spatial = tuple(x.shape[-2:]) if x.ndim == 4 else None
         for name, rows in request.perturbed():
