@@ -82,7 +82,8 @@ def dpmpp_3m_data(d0: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, lam_2, l
 
 
 def unipc_data(newest: torch.Tensor, older: list[torch.Tensor], lam_older: list, lam_0, lam_t, order: int,
-               solver_type: str = "bh2", corrected: torch.Tensor | None = None) -> torch.Tensor:
+               solver_type: str = "bh2", corrected: torch.Tensor | None = None, infinite_older: int = 0,
+               infinite_start: bool = False) -> torch.Tensor:
     """UniPC's data term (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
     Diffusion Models"; diffusers' ``multistep_uni_p_bh_update`` / ``multistep_uni_c_bh_update`` with
     ``predict_x0``), written as the single data term D of :func:`exponential_step` from lambda_0 to lambda_t:
@@ -95,33 +96,64 @@ def unipc_data(newest: torch.Tensor, older: list[torch.Tensor], lam_older: list,
 
     with ``corrected`` = m_t, the data prediction at the predicted point, for the corrector (the rows of R then
     include r = 1 for it).  ``newest`` is m_0, ``older`` the m_k newest first with their lambdas ``lam_older``.
+
+    Points at pure noise (s = 1 on a flow grid, lambda = -inf), by their limits:
+
+    - ``infinite_older``: how many of the oldest points used (``older[: order - 1]``) sit at lambda = -inf.  Their
+      r_k is -inf, so D1_k -> 0 and, in the solved systems, rho_k -> 0 while the other unknowns tend to the solution
+      of the system without them (its highest-power rows dropped): they are left out.
+    - ``infinite_start``: lambda_0 = -inf (the step from s = 1; there is no older point then).  h = inf: e^{-h} = 0,
+      phi_1 = -1, g_i = -1 / i!, and bh2's B(h) = -1.  bh1's B(h) = -h has no limit and its order-1 corrector
+      (rho = 1/2, scaled by B(h) / phi_1 = h / (1 - e^{-h})) grows without bound, so this step takes bh2's B (the
+      two agree to first order in h; in every solved system B cancels).  diffusers instead moves s = 1 to 1 - 1e-6,
+      a finite but arbitrary h.
     """
-    h = lam_t - lam_0
-    hh = -h
-    phi_1 = torch.expm1(hh)
-    if solver_type == "bh1":
-        b_h = hh
-    elif solver_type == "bh2":
-        b_h = torch.expm1(hh)
+    if infinite_start:
+        if older[: order - 1]:
+            raise ValueError("a UniPC step from s = 1 has no older points")
+        phi_1 = b_h = -torch.ones_like(torch.as_tensor(lam_t, dtype=torch.float64))
+        gs, factorial = [], 1
+        for i in range(1, order + 1):
+            factorial *= i
+            gs.append(-1.0 / factorial * torch.ones_like(phi_1))
+        h = None
     else:
-        raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
-    rks = [(lam - lam_0) / h for lam in lam_older[: order - 1]]
-    d1s = [(m - newest) / expand_to(r, newest) for m, r in zip(older[: order - 1], rks)]
-    rks_all = torch.stack(rks + [torch.ones_like(h)])
-    rows, rhs, g, factorial = [], [], phi_1 / hh - 1, 1
-    for i in range(1, order + 1):
-        rows.append(rks_all ** (i - 1))
-        rhs.append(g * factorial / b_h)
-        factorial *= i + 1
-        g = g / hh - 1 / factorial
-    R, b = torch.stack(rows), torch.stack(rhs)
+        h = lam_t - lam_0
+        hh = -h
+        phi_1 = torch.expm1(hh)
+        if solver_type == "bh1":
+            b_h = hh
+        elif solver_type == "bh2":
+            b_h = torch.expm1(hh)
+        else:
+            raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
+        gs, g, factorial = [], phi_1 / hh - 1, 1
+        for i in range(1, order + 1):
+            gs.append(g)
+            factorial *= i + 1
+            g = g / hh - 1 / factorial
+    finite = max(len(older[: order - 1]) - infinite_older, 0)
+    rks = [(lam - lam_0) / h for lam in lam_older[:finite]]
+    d1s = [(m - newest) / expand_to(r, newest) for m, r in zip(older[:finite], rks)]
     scale = expand_to(b_h / phi_1, newest)  # 1 for bh2
+
+    def solve(points: list) -> torch.Tensor:
+        """rho of the system over ``points`` (r values), rows i = 1 .. len(points)."""
+        r = torch.stack(points)
+        rows, rhs, factorial = [], [], 1
+        for i in range(1, len(points) + 1):
+            rows.append(r ** (i - 1))
+            rhs.append(gs[i - 1] * factorial / b_h)
+            factorial *= i + 1
+        return torch.linalg.solve(torch.stack(rows), torch.stack(rhs))
+
+    one = torch.ones_like(phi_1)
     if corrected is None:
         if not d1s:
             return newest
-        rho = torch.full((1,), 0.5, dtype=h.dtype, device=h.device) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+        rho = torch.full((1,), 0.5, dtype=phi_1.dtype, device=phi_1.device) if order == 2 else solve(rks)
         return newest + scale * sum(expand_to(rho[k], newest) * d for k, d in enumerate(d1s))
-    rho = torch.full((1,), 0.5, dtype=h.dtype, device=h.device) if order == 1 else torch.linalg.solve(R, b)
+    rho = torch.full((1,), 0.5, dtype=phi_1.dtype, device=phi_1.device) if order == 1 else solve(rks + [one])
     res = expand_to(rho[-1], newest) * (corrected - newest)
     for k, d in enumerate(d1s):
         res = res + expand_to(rho[k], newest) * d

@@ -29,7 +29,8 @@ No host synchronisation in ``step()``
     ``step()`` never reads a device tensor on the host: it counts steps instead of looking the timestep up
     (a pipeline that starts later in the grid calls ``set_begin_index``, as diffusers' img2img pipelines do),
     and checks a given timestep against the grid only when it is a Python number or a CPU tensor.
-    NaN/Inf in the model output (``nonfinite_check``):
+    NaN/Inf in the model output, and in the scheduler's own update (``prev_sample``: an error in the solver's
+    arithmetic is named as such, not blamed on the next model output), with ``nonfinite_check``:
 
     - ``"eager"``: raise at the step that produced it (reads one flag per step: a sync on accelerators);
     - ``"deferred"``: accumulate "first bad step" in a device tensor and raise at the last step, naming the
@@ -233,6 +234,10 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
         self._nonfinite = NonFiniteWatch(c.nonfinite_check, "model_output", grid.num_steps)
+        self._update_watch = NonFiniteWatch(
+            c.nonfinite_check, f"{type(self).__name__}'s own update (prev_sample; the model output was finite)",
+            grid.num_steps,
+        )
 
     def step(
         self,
@@ -253,6 +258,7 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         model_output = model_output.to(sample.dtype)
         self._watch_nonfinite(model_output, i)
         prev_sample = self._update(i, model_output, sample)
+        self._update_watch.update(i, prev_sample, self._call_t[i])
         self._step_index = i + 1
         if i == len(self._call_t) - 1:
             self._raise_deferred_nonfinite()
@@ -334,7 +340,15 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         self._nonfinite.update(i, model_output, self._call_t[i])
 
     def _raise_deferred_nonfinite(self) -> None:
-        self._nonfinite.finish()
+        """The earlier of the two deferred findings: bad model output at step i also spoils the update at i, so the
+        model output is named unless the update went bad at an earlier step (one host read of two numbers)."""
+        model, update = self._nonfinite, self._update_watch
+        if model.first_step is not None and update.first_step is not None:
+            m, u = torch.stack([model.first_step, update.first_step]).tolist()
+            if u >= 0 and (m < 0 or u < m):
+                update.finish()
+        model.finish()
+        update.finish()
 
 
 class AdamsBashforthScheduler(MomentumScheduler):

@@ -143,16 +143,19 @@ class HeavyBallUniPCScheduler(MomentumScheduler):
         data = self._data(i, model_output, sample)
         history = self._momentum.history  # data predictions m_{i-1}, m_{i-2}, ... (newest first)
         lam = grid.lam
+        noise = grid.starts_at_pure_noise  # point 0 at s = 1 (lambda = -inf): unipc_data takes its limits there
         if self._last is not None:
             n, x_n, order = self._last
             if n not in (c.disable_corrector or []):
                 d = unipc_data(history[0], list(history)[1:], [lam[n - k] for k in range(1, order)], lam[n], lam[n + 1],
-                               order, c.solver_type, corrected=data)
+                               order, c.solver_type, corrected=data, infinite_older=int(noise and order > 1 and n - order + 1 == 0),
+                               infinite_start=noise and n == 0)
                 sample = grid.exponential(n, x_n, self._corrector.average(d))
         history.push(data)
         n_steps = grid.num_steps
         order = min(c.solver_order, n_steps - i) if c.lower_order_final else c.solver_order
         order = min(order, len(history))
-        d = unipc_data(data, list(history)[1:], [lam[i - k] for k in range(1, order)], lam[i], lam[i + 1], order, c.solver_type)
+        d = unipc_data(data, list(history)[1:], [lam[i - k] for k in range(1, order)], lam[i], lam[i + 1], order, c.solver_type,
+                       infinite_older=int(noise and order > 1 and i - order + 1 == 0), infinite_start=noise and i == 0)
         self._last = (i, sample, order)
         return grid.exponential(i, sample, d if order == 1 else self._momentum.average(d))
