@@ -7,6 +7,11 @@ median is kept, so that load from other processes on a shared machine hits all o
 median microseconds per step and the ratio to DPMSolverMultistepScheduler (dpmsolver++, midpoint, order 2).
 Target: <= 1.0x.
 
+``set_timesteps`` (issue 21): the median time of laying out a 20- and a 1000-step grid, with the variable-step
+Adams-Bashforth weights of HB-PLMS and GHVB, against diffusers' DPMSolverMultistepScheduler.set_timesteps (target
+<= 3x), both as a first call (the remembered weights cleared before each) and as a repeated call on the same grid
+(what a pipeline does at every call after the first: the weights are remembered per grid).
+
     python -m benchmarks.step_overhead                      # CPU, float32 (from the repository root)
     python -m benchmarks.step_overhead --device cuda --dtype float16
 
@@ -67,6 +72,38 @@ def sync_free_check(outputs, x, device) -> None:
             print(f"  no synchronisation in {last} of {len(outputs)} steps: {name}")
 
 
+def time_set_timesteps(scheduler, n: int, first_call: bool) -> float:
+    from steerdiff.core.multistep import _remembered_grid
+
+    if first_call:
+        _remembered_grid.cache_clear()
+    start = time.perf_counter()
+    scheduler.set_timesteps(n)
+    return time.perf_counter() - start
+
+
+def set_timesteps_report(repeats: int) -> None:
+    options = dict(SD_CONFIG, timestep_spacing="trailing")  # 1000 steps: every training timestep
+    contenders = {
+        "diffusers DPMSolverMultistepScheduler": DPMSolverMultistepScheduler(**options),
+        "HB PLMS4 beta 0.8": HeavyBallPLMSScheduler(order=4, beta=0.8, **options),
+        "GHVB 3.8": GHVBScheduler(momentum_number=3.8, **options),
+        "HB DPM-Solver++ 2M beta 0.8": HeavyBallDPMSolverScheduler(beta=0.8, **options),
+    }
+    print(f"set_timesteps(), median of {repeats} interleaved calls, ratio to DPMSolverMultistepScheduler's")
+    for n in (20, 1000):
+        for first in (True, False):
+            times: dict[str, list[float]] = {name: [] for name in contenders}
+            for _ in range(repeats):
+                for name, sched in contenders.items():
+                    times[name].append(time_set_timesteps(sched, n, first))
+            base = statistics.median(times["diffusers DPMSolverMultistepScheduler"])
+            kind = "first call" if first else "repeated call"
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                print(f"  {n:4d} steps, {kind:<13s} {name:<40s} {med * 1e6:8.1f} us   {med / base:5.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -104,6 +141,7 @@ def main() -> None:
         print(f"  {name:<58s} {med * 1e6:9.1f} us/step   {med / base:5.2f}x")
     if device.type == "cuda":
         sync_free_check(outputs, x, device)
+    set_timesteps_report(max(args.repeats, 50))
 
 
 if __name__ == "__main__":

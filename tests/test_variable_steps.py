@@ -186,3 +186,51 @@ def test_ghvb_reaches_its_order_on_flow_grids_with_the_rk4_start(name, nominal, 
     kind, kw = GRIDS[grid]
     e160, e320 = (final_error(METHODS[name]("variable"), kind, kw, n, "rk4") for n in (160, 320))
     assert math.log2(e160 / e320) >= nominal - 0.3, (e160, e320)
+
+
+def _polynomial_weights(sigmas, beta):
+    """The module docstring's c_j written out with numpy's exact polynomial arithmetic (what the schedulers computed
+    before the weights were vectorized): int over the step of each Lagrange basis polynomial, and for beta < 1 the
+    previous step's integral scaled by h_n / h_{n-1}."""
+    from numpy.polynomial import polynomial as P
+
+    end, start, *older = sigmas
+    h = end - start
+    nodes = [0.0] + [(s - start) / h for s in older]
+    if len(nodes) == 1:
+        return [1.0]
+
+    def integral(j, lo, hi):
+        poly = [1.0]
+        for k, tk in enumerate(nodes):
+            if k != j:
+                poly = P.polymul(poly, [-tk / (nodes[j] - tk), 1.0 / (nodes[j] - tk)])
+        anti = P.polyint(poly)
+        return P.polyval(hi, anti) - P.polyval(lo, anti)
+
+    forward = [integral(j, 0.0, 1.0) for j in range(len(nodes))]
+    if beta == 1.0:
+        return forward
+    backward = [integral(j, nodes[1], 0.0) for j in range(len(nodes))]
+    return [(f - (1 - beta) * (-1.0 / nodes[1]) * g) / beta for f, g in zip(forward, backward)]
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.8, 0.5])
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("history_start", [0, 1])
+def test_vectorized_grid_weights_equal_the_polynomial_integrals(beta, order, history_start):
+    """Every step's weights as set_timesteps computes them for a whole grid (all steps at once) against the exact
+    polynomial integrals, to 1e-12, on an uneven random grid (warm-up steps of lower order included)."""
+    from steerdiff.core.multistep import compute_variable_adams_bashforth_grid, variable_adams_bashforth_grid
+
+    rng = np.random.default_rng(order + 10 * history_start)
+    nodes = np.cumsum(rng.uniform(0.05, 1.0, 41))[::-1].copy()  # 40 steps, decreasing
+    table = compute_variable_adams_bashforth_grid(nodes, order, beta, start=0, history_start=history_start)
+    for i in range(40):
+        r = max(1, min(order, i - history_start + 1))
+        expected = _polynomial_weights([nodes[i + 1]] + list(nodes[i - r + 1 : i + 1][::-1]), beta)
+        got = table[i]
+        assert len(got) == r
+        assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-12 * max(1.0, max(abs(e) for e in expected)), i
+    assert variable_adams_bashforth_grid(nodes, order, beta, history_start=history_start) is \
+        variable_adams_bashforth_grid(nodes.copy(), order, beta, history_start=history_start)  # remembered per grid

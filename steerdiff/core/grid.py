@@ -117,17 +117,19 @@ def make_grid(process: NoiseProcess, timesteps, sigmas=None, device=None) -> Gri
     device = torch.device("cpu" if device is None else device)
     dtype = torch.float32 if device.type == "mps" else torch.float64
     table = dict(device=device, dtype=dtype)
+    sigma_bar = sigma / alpha
+    ends = torch.stack([alpha[0], sigma[-1]]).tolist()  # one host read: does the grid start at pure noise, end clean
     return Grid(
         t=t.to(device),
         alpha=alpha.to(**table),
         sigma=sigma.to(**table),
         lam=lam.to(**table),
-        sigma_bar=(sigma / alpha).to(**table),
-        t_host=[float(v) for v in t.tolist()],
+        sigma_bar=sigma_bar.to(**table),
+        t_host=t.to(torch.float64).tolist(),
         sigma_host=sigma,
-        sigma_bar_host=sigma / alpha,
-        starts_at_pure_noise=bool(alpha[0] == 0),
-        ends_clean=bool(sigma[-1] == 0),
+        sigma_bar_host=sigma_bar,
+        starts_at_pure_noise=ends[0] == 0,
+        ends_clean=ends[1] == 0,
     )
 
 

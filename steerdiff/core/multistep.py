@@ -37,9 +37,11 @@ beta-weighted weights above (for r = 2: ((2 + b) / 2, -(2 - b) / 2) / b; all r a
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 MAX_ORDER = 4
@@ -65,19 +67,62 @@ def adams_bashforth_coefficients(order: int, beta: float = 1.0) -> tuple[float, 
     return tuple(c / b for c in coefs)
 
 
-def _lagrange_integrals(nodes: Sequence[float], lo: float, hi: float) -> list[float]:
-    """int_lo^hi L_j(tau) d tau for the Lagrange basis polynomials L_j on ``nodes`` (exact, float64)."""
-    from numpy.polynomial import polynomial as P
+_GAUSS_X, _GAUSS_W = (v.tolist() for v in np.polynomial.legendre.leggauss(2))  # exact for degree <= 3 (r <= 4)
 
-    out = []
+
+def _lagrange_integrals(nodes: list, denominators: list, lo, hi) -> list:
+    """int_lo^hi L_j(tau) d tau for the Lagrange basis on the nodes t_0 .. t_{r-1} (each an (M,) array, or a float
+    for one step), ``denominators[j]`` = prod_{k != j} (t_j - t_k): two-point Gauss-Legendre, exact for these
+    degrees (<= 3).  prod_{k != j} (tau - t_k) = P(tau) / (tau - t_j) with P = prod_k (tau - t_k): the Gauss points
+    lie strictly inside [lo, hi], every node at its ends or outside it, so tau - t_j is never 0."""
+    half, mid = (hi - lo) / 2, (hi + lo) / 2
+    points = []  # (w P(tau), [tau - t_k]) of each Gauss point
+    for x, w in zip(_GAUSS_X, _GAUSS_W):
+        tau = mid + half * x
+        shifted = [tau - t for t in nodes]
+        product = w
+        for d in shifted:
+            product = product * d
+        points.append((product, shifted))
+    return [half * sum(p / shifted[j] for p, shifted in points) / denominator for j, denominator in enumerate(denominators)]
+
+
+def _weights_of(start, older: list, end, beta: float) -> list:
+    """The weights c_j of steps from ``start`` to ``end`` on the nodes start, older[0], older[1], ... (floats for
+    one step, or (M,) arrays for M steps at once, in float64)."""
+    h = end - start
+    nodes = [start - start] + [(o - start) / h for o in older]
+    denominators = []
     for j, tj in enumerate(nodes):
-        poly = [1.0]
+        product = 1.0
         for k, tk in enumerate(nodes):
             if k != j:
-                poly = P.polymul(poly, [-tk / (tj - tk), 1.0 / (tj - tk)])
-        anti = P.polyint(poly)
-        out.append(float(P.polyval(hi, anti) - P.polyval(lo, anti)))
-    return out
+                product = product * (tj - tk)
+        denominators.append(product)
+    zero = nodes[0]
+    forward = _lagrange_integrals(nodes, denominators, zero, zero + 1.0)
+    if beta == 1.0:
+        return forward
+    tau1 = nodes[1]  # = -h_{n-1} / h_n
+    backward = _lagrange_integrals(nodes, denominators, tau1, zero)
+    scale = (1 - beta) * (-1.0 / tau1)  # (1 - beta) h_n / h_{n-1}
+    return [(f - scale * g) / beta for f, g in zip(forward, backward)]
+
+
+def _weights(sig: np.ndarray, beta: float) -> np.ndarray:
+    """The weights (M, r) of M steps of order r >= 2, each row of ``sig`` (M, r + 1) being (sigma_{n+1}, sigma_n,
+    sigma_{n-1}, ...) as in :func:`variable_adams_bashforth_coefficients`.  A few rows go through Python floats
+    (a numpy operation costs more than the arithmetic on so few numbers), many as (M,) arrays."""
+    if sig.shape[0] <= 4:
+        return np.asarray([_weights_of(row[1], list(row[2:]), row[0], beta) for row in sig.tolist()])
+    return np.stack(_weights_of(sig[:, 1], [sig[:, k] for k in range(2, sig.shape[1])], sig[:, 0], beta), axis=1)
+
+
+def _check_beta(beta) -> float:
+    b = float(beta)
+    if not 0.0 < b <= 1.0:
+        raise ValueError(f"beta must lie in (0, 1], got {beta}")
+    return b
 
 
 def variable_adams_bashforth_coefficients(sigmas: Sequence[float], beta: float = 1.0) -> tuple[float, ...]:
@@ -86,21 +131,68 @@ def variable_adams_bashforth_coefficients(sigmas: Sequence[float], beta: float =
     ``sigmas`` = (sigma_{n+1}, sigma_n, sigma_{n-1}, ..., sigma_{n-r+1}) and, when ``beta`` < 1 and r >= 2, one more
     node sigma_{n-1} must be among them (r >= 2 gives it).  The update is x_{n+1} = x_n + h_n sum_j c_j e_{n-j}
     with h_n = sigma_{n+1} - sigma_n.  Computed on the host in float64 from grid values only."""
-    b = float(beta)
-    if not 0.0 < b <= 1.0:
-        raise ValueError(f"beta must lie in (0, 1], got {beta}")
-    end, start, *older = (float(v) for v in sigmas)
-    h = end - start
-    nodes = [0.0] + [(s - start) / h for s in older]
-    if len(nodes) == 1:
+    b = _check_beta(beta)
+    sig = np.asarray([[float(v) for v in sigmas]], dtype=np.float64)
+    if sig.shape[1] <= 2:
         return (1.0,)
-    forward = _lagrange_integrals(nodes, 0.0, 1.0)
-    if b == 1.0:
-        return tuple(forward)
-    tau1 = nodes[1]  # = -h_{n-1} / h_n
-    backward = _lagrange_integrals(nodes, tau1, 0.0)
-    scale = -1.0 / tau1  # h_n / h_{n-1}
-    return tuple((f - (1 - b) * scale * g) / b for f, g in zip(forward, backward))
+    return tuple(_weights(sig, b)[0].tolist())
+
+
+class AdamsWeights:
+    """The variable-step weights of every step of a grid: ``weights[i]`` is the tuple of step i's coefficients
+    (empty before the run's first step).  Held as arrays; a step's tuple is made when the step asks for it."""
+
+    def __init__(self, orders: np.ndarray, coefficients: np.ndarray):
+        self.orders, self.coefficients = orders, coefficients
+
+    def __len__(self) -> int:
+        return len(self.orders)
+
+    def __getitem__(self, i: int) -> tuple[float, ...]:
+        return tuple(self.coefficients[i, : self.orders[i]].tolist())
+
+
+def variable_adams_bashforth_grid(nodes: Sequence[float], order: int, beta: float = 1.0, start: int = 0,
+                                  history_start: int | None = None) -> AdamsWeights:
+    """:func:`compute_variable_adams_bashforth_grid`, remembered for the last grids asked for: a pipeline calls
+    ``set_timesteps`` with the same grid at every call, and the weights depend on nothing else."""
+    x = np.ascontiguousarray(nodes, dtype=np.float64)
+    return _remembered_grid(x.tobytes(), order, float(beta), start, start if history_start is None else history_start)
+
+
+@functools.lru_cache(maxsize=32)
+def _remembered_grid(nodes: bytes, order: int, beta: float, start: int, history_start: int) -> AdamsWeights:
+    return compute_variable_adams_bashforth_grid(np.frombuffer(nodes, dtype=np.float64), order, beta, start, history_start)
+
+
+def compute_variable_adams_bashforth_grid(nodes: Sequence[float], order: int, beta: float = 1.0, start: int = 0,
+                                          history_start: int | None = None) -> AdamsWeights:
+    """The weights of every step of a grid at once (what ``set_timesteps`` needs): step i (from ``nodes[i]`` to
+    ``nodes[i + 1]``, i >= ``start``) on the nodes history_start..i, at most ``order`` of them (``history_start``
+    defaults to ``start``; a node that cannot enter the history, such as sigma_bar = inf at pure noise, is left out
+    by starting it one later).  The steps of full order, all but the first few, are computed together as (M,)
+    arrays over sliding windows of the grid; the first few one by one.  Steps before ``start`` have no weights."""
+    b = _check_beta(beta)
+    x = np.asarray(nodes, dtype=np.float64)
+    n = x.size - 1
+    first = start if history_start is None else history_start
+    orders = np.zeros(n, dtype=np.int64)
+    coefficients = np.zeros((n, max(order, 1)))
+    full = max(start, first + order - 1)  # the first step with a full history
+    for i in range(start, min(full, n)):  # the warm-up: orders 1 .. order - 1
+        r = max(1, min(order, i - first + 1))
+        orders[i] = r
+        coefficients[i, :r] = [1.0] if r == 1 else _weights_of(x[i], x[i - r + 1 : i][::-1].tolist(), x[i + 1], b)
+    if full < n:
+        orders[full:] = order
+        if order == 1:
+            coefficients[full:, 0] = 1.0
+        else:
+            older = [x[full - j : n - j] for j in range(1, order)]
+            coefficients[full:, :order] = np.stack(_weights_of(x[full:n], older, x[full + 1 : n + 1], b), axis=1)
+    orders.setflags(write=False)
+    coefficients.setflags(write=False)  # shared between runs on the same grid
+    return AdamsWeights(orders, coefficients)
 
 
 def adams_bashforth(history: Sequence[torch.Tensor], order: int, beta: float = 1.0,

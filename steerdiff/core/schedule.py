@@ -134,6 +134,10 @@ class NoiseSchedule(NoiseProcess):
         """log(alpha_t), linear in t between integer timesteps; t < 0 gives the final value."""
         t = torch.as_tensor(t)
         log_a, _ = self._table(t.device)
+        if not t.is_floating_point():  # integer timesteps (diffusers'): a table lookup, no interpolation
+            # index with 1-d tensors: a 0-d index tensor is read as a Python int (a device synchronisation)
+            value = log_a[t.clamp(0, self.num_train_timesteps - 1).reshape(-1)].reshape(t.shape)
+            return torch.where(t < 0, 0.5 * math.log(self.final_alpha_cumprod), value).to(dtype)
         tf = t.to(torch.float64)
         lo = tf.clamp(0, self.num_train_timesteps - 1).floor()
         hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)

@@ -396,20 +396,16 @@ class AdamsBashforthScheduler(MomentumScheduler):
     def _in_s(self) -> bool:
         return self._weights is not None and self._process.kind == "flow"
 
-    def _variable_weights(self, start: int = 0) -> list[tuple[float, ...]]:
+    def _variable_weights(self, start: int = 0):
         """Per step i >= ``start`` (the run's first step), the weights on the nodes start..i (at most r of them)."""
-        from ..core.multistep import variable_adams_bashforth_coefficients
+        from ..core.multistep import variable_adams_bashforth_grid
 
         grid = self._grid
         flow = self._process.kind == "flow"
-        nodes = (grid.sigma_host if flow else grid.sigma_bar_host).tolist()
+        nodes = (grid.sigma_host if flow else grid.sigma_bar_host).numpy()
         skip = 1 if grid.starts_at_pure_noise and not flow and start == 0 else 0  # sigma_bar is infinite there
         beta = self._momentum.beta if self._beta_weighted else 1.0
-        table = [()] * start
-        for i in range(start, grid.num_steps):
-            r = max(1, min(self.config.order, i - start + 1 - skip))
-            table.append(variable_adams_bashforth_coefficients([nodes[i + 1]] + nodes[i - r + 1 : i + 1][::-1], beta))
-        return table
+        return variable_adams_bashforth_grid(nodes, self.config.order, beta, start=start, history_start=start + skip)
 
     def _lay_out_warmup(self) -> None:
         grid, process = self._grid, self._process
