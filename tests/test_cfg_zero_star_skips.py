@@ -82,3 +82,29 @@ def _state():
     from steerdiff.core import GuidanceState
 
     return GuidanceState(FlowMatchSchedule(), 500, torch.zeros(1, 1, 2, 2), "flow_prediction")
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_the_benchmark_probe_records_the_step_not_the_call(name):
+    """A pipeline that calls its network twice per step (Flux's true CFG): NaN from the third step on is recorded at
+    step 2, not at call 4 (issue 21, item 7); with one call per step (SD3) both are 2."""
+    from steerdiff.benchmark.probe import NetworkProbe
+
+    pipe, call = pipeline(name), PIPELINES[name][1]
+    network = pipe.transformer
+    seen = []
+
+    def poison(module, args, kwargs, out):  # NaN out of every call from step 2 on
+        seen.append(pipe.scheduler.step_index)
+        if (pipe.scheduler.step_index or 0) >= 2:
+            return (out[0] * float("nan"),) + tuple(out[1:]) if isinstance(out, tuple) else out
+        return out
+
+    handle = network.register_forward_hook(poison, with_kwargs=True)
+    try:
+        with NetworkProbe(network, pipe.scheduler) as probe:
+            output(pipe, call(3.0))
+    finally:
+        handle.remove()
+    calls_per_step = 2 if name == "flux" else 1
+    assert probe.first_nonfinite_call() == 2 * calls_per_step and probe.first_nonfinite_step() == 2

@@ -278,14 +278,14 @@ def generate_text_chunk(plan: CellPlan, start: int, stop: int) -> Chunk:
         kwargs["negative_prompt"] = [n or "" for n in negatives]
     m.pipe.scheduler = quiet_scheduler(plan.scheduler)
     rule = copy.deepcopy(guidance.rule) if guidance.rule is not None else None
-    with NetworkProbe(m.denoiser) as probe:
+    with NetworkProbe(m.denoiser, m.pipe.scheduler) as probe:
         with guide(m.pipe, rule, check_finite=False) if rule is not None else nullcontext() as hook:
             t0 = time.perf_counter()
             images = m.pipe(**kwargs).images
             samples = (images.to("cpu", torch.float32) * 2 - 1)
             seconds = time.perf_counter() - t0
     rows = hook.network_evaluations if rule is not None else probe.rows
-    return Chunk(samples, labels, probe.calls, rows, probe.first_nonfinite_call(), seconds)
+    return Chunk(samples, labels, probe.calls, rows, probe.first_nonfinite_step(), seconds)
 
 
 def generate_chunk(plan: CellPlan, start: int, stop: int, device: torch.device) -> Chunk:
@@ -297,16 +297,16 @@ def generate_chunk(plan: CellPlan, start: int, stop: int, device: torch.device) 
     noise = initial_noise(cell.seed, start, stop, m.shape, generators)
     labels = sample_labels(m.classes, start, stop)
     m.pipe.scheduler = quiet_scheduler(plan.scheduler)
-    with NetworkProbe(m.pipe.unet) as probe:
+    with NetworkProbe(m.pipe.unet, m.pipe.scheduler) as probe:
         with plan.guidance.pipeline_call(m.pipe) as call:
             t0 = time.perf_counter()
-            # NaN/Inf is a result here (the cell is recorded "diverged" with the probe's first bad call), not an error
+            # NaN/Inf is a result here (the cell is recorded "diverged" with the probe's first bad step), not an error
             out = m.pipe(labels, num_inference_steps=plan.steps, generator=generators, latents=noise.to(device, m.dtype),
                          output_type="latent", nonfinite_check="off", **call.kwargs).images
             samples = out.to("cpu", torch.float32)
             seconds = time.perf_counter() - t0
     rows = call.evaluations if call.evaluations is not None else probe.rows
-    return Chunk(samples, labels, probe.calls, rows, probe.first_nonfinite_call(), seconds)
+    return Chunk(samples, labels, probe.calls, rows, probe.first_nonfinite_step(), seconds)
 
 
 def _base_record(plan: CellPlan, status: str, shard: Shard, device) -> dict:
@@ -356,7 +356,7 @@ def finish_cell(plan: CellPlan, folder: RunFolder, shard: Shard, device, cache_d
     })
     bad = ~torch.isfinite(samples).flatten(1).all(dim=1)
     if bool(bad.any()):
-        steps = [c.first_nonfinite_call for c in chunks if c.first_nonfinite_call is not None]
+        steps = [c.first_nonfinite_step for c in chunks if c.first_nonfinite_step is not None]
         record["status"] = "diverged"
         record["diverged"] = {"samples": int(bad.sum()), "fraction": float(bad.double().mean()),
                               "step": min(steps) if steps else cell.nfe}

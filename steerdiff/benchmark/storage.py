@@ -30,7 +30,7 @@ class Chunk:
     labels: torch.Tensor
     calls: int
     rows: int
-    first_nonfinite_call: int | None
+    first_nonfinite_step: int | None  # the sampling step of the first call that saw or made NaN/Inf
     seconds: float
     rank: int = 0
 
@@ -70,7 +70,7 @@ class RunFolder:
         meta = {
             "calls": str(chunk.calls),
             "rows": str(chunk.rows),
-            "first_nonfinite_call": "" if chunk.first_nonfinite_call is None else str(chunk.first_nonfinite_call),
+            "first_nonfinite_step": "" if chunk.first_nonfinite_step is None else str(chunk.first_nonfinite_step),
             "seconds": repr(chunk.seconds),
             "rank": str(chunk.rank),
         }
@@ -87,7 +87,8 @@ class RunFolder:
         except Exception as err:  # noqa: BLE001 - any read failure means the same to the user
             raise ValueError(f"chunk file {str(path)!r} cannot be read ({err}); delete it and run again to regenerate "
                              "those samples") from None
-        first = meta["first_nonfinite_call"]
+        # chunks written before this field held the step stored the call index (the step for one call per step)
+        first = meta.get("first_nonfinite_step", meta.get("first_nonfinite_call", ""))
         return Chunk(samples, labels, int(meta["calls"]), int(meta["rows"]), int(first) if first else None,
                      float(meta["seconds"]), int(meta["rank"]))
 
