@@ -18,6 +18,11 @@ states), separating the error of the start from that of the weights; ``euler`` i
 (N steps then cost N + 3 (r - 1) network calls; the error is still reported against N).
 
     python -m benchmarks.multistep_order                     # the README table (about a minute on one core)
+    python -m benchmarks.multistep_order --sd-start          # PLMS-4's start on SD's scaled-linear betas
+
+``--sd-start``: PLMS-4 (variable weights) with the Euler start and with ``warmup="rk4"`` on Stable Diffusion's
+scaled-linear betas (0.00085 .. 0.012), N equal steps from t = 999 to t = 199, stopped there (the error of the
+integration itself, without the last steps to sigma = 0), local orders log2(e_N / e_2N) for N = 40 .. 800.
 """
 
 from __future__ import annotations
@@ -99,6 +104,37 @@ def final_error(spec: dict, kind: str, grid_kwargs: dict, steps: int, start: str
                        np.sqrt(float(sched.grid.alpha[0]) ** 2 * s0**2 + float(sched.grid.sigma[0]) ** 2))).flatten(1).norm(dim=1).max())
 
 
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SD_START_STEPS = (40, 80, 160, 320, 640, 800)
+
+
+def sd_start_error(start: str, steps: int, stop: int = 199, batch: int = 4) -> float:
+    """PLMS-4's error at t = ``stop`` after ``steps`` equal steps from t = 999 on SD's betas, from the exact state."""
+    config = DDPMScheduler(clip_sample=False, **SD_BETAS).config
+    mu = torch.linspace(-0.8, 0.8, 16, dtype=F64).reshape(1, 1, 4, 4)
+    s0 = 0.5
+    model = GaussianMixtureDenoiser.from_components(mu, torch.full((1, 1, 4, 4), s0**2, dtype=F64), scheduler_config=config)
+    sched = GHVBScheduler.from_config(config, order=4, beta=1.0, adams_weights="variable",
+                                      **({"warmup": "rk4"} if start == "rk4" else {}))
+    sched.set_timesteps(timesteps=np.linspace(999.0, stop, steps + 1))  # the run stops at point N (t = stop)
+    x_t = torch.randn(batch, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x = x_t.clone()
+    calls = len(sched.timesteps) - 1  # every call but the step from t = stop on
+    for i, t in enumerate(sched.timesteps[:calls]):
+        x = sched.step(model(x, t.to(F64)).sample, t, x).prev_sample
+    return float((x - exact_state(sched, steps, x_t, mu, s0)).flatten(1).norm(dim=1).max())
+
+
+def sd_start_table() -> None:
+    print("| start | " + " | ".join(f"N = {n}" for n in SD_START_STEPS) + " | local orders |")
+    print("|---|" + "---|" * (len(SD_START_STEPS) + 1))
+    for start in ("euler", "rk4"):
+        errors = [sd_start_error(start, n) for n in SD_START_STEPS]
+        local = [float(np.log2(a / b) / np.log2(m / n)) for (a, n), (b, m) in
+                 zip(zip(errors, SD_START_STEPS), zip(errors[1:], SD_START_STEPS[1:]))]
+        print(f"| {start} | " + " | ".join(f"{e:.2e}" for e in errors) + " | " + " -> ".join(f"{o:.2f}" for o in local) + " |")
+
+
 def order(errors, steps=STEPS) -> float:
     return -float(np.polyfit(np.log(steps), np.log(errors), 1)[0])
 
@@ -107,7 +143,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--start", choices=("euler", "exact", "rk4"), nargs="+", default=["euler", "exact", "rk4"])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--sd-start", action="store_true", help="PLMS-4's start on SD's betas (see the module docstring)")
     args = p.parse_args(argv)
+    if args.sd_start:
+        sd_start_table()
+        return
     print("| method | weights | start | " + " | ".join(GRIDS) + f" | error N = {STEPS[-1]} ({list(GRIDS)[0]}) |")
     print("|---|---|---|" + "---|" * (len(GRIDS) + 1))
     for name in args.methods:

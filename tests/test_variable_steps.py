@@ -234,3 +234,13 @@ def test_vectorized_grid_weights_equal_the_polynomial_integrals(beta, order, his
         assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-12 * max(1.0, max(abs(e) for e in expected)), i
     assert variable_adams_bashforth_grid(nodes, order, beta, history_start=history_start) is \
         variable_adams_bashforth_grid(nodes.copy(), order, beta, history_start=history_start)  # remembered per grid
+
+
+def test_on_sd_betas_the_euler_start_caps_plms4_and_rk4_does_not():
+    """The README's statement (issue 21, item 8): on SD's scaled-linear betas the Euler start is what limits PLMS-4
+    (local order near 2 at large N), the Runge-Kutta start keeps it near 4."""
+    from benchmarks.multistep_order import sd_start_error
+
+    euler = [sd_start_error("euler", n) for n in (320, 640)]
+    rk4 = [sd_start_error("rk4", n) for n in (320, 640)]
+    assert math.log2(euler[0] / euler[1]) < 2.5 and math.log2(rk4[0] / rk4[1]) > 3.7
