@@ -24,6 +24,21 @@ The inference grid of ``FlowMatchEulerDiscreteScheduler`` (diffusers 0.42), repr
 
 The shift of step 1 is applied again in step 3, so with a static shift the grid ends at shift(shift(1 / T)):
 diffusers does this, and the grid here does the same.
+
+diffusers' VP solvers lay out a flow grid of their own when ``use_flow_sigmas=True`` (Sana ships a DPM-Solver
+config, Wan a UniPC one), and a config keeps its grid (``flow_grid``, chosen by :func:`flow_grid_of_config`):
+
+- ``"dpm_solver"`` (DPMSolverMultistep / Singlestep, DEIS, SA-Solver): a = linspace(1, 1/T, N + 1),
+  s = reversed shift(1 - a) without its last (zero) entry, so the grid starts below 1 at shift(1 - 1/T); shift =
+  ``flow_shift``, or e^mu when the pipeline passes mu (exponential dynamic shifting only); timesteps = int(s T)
+  (truncated).  No ``sigmas=`` / ``timesteps=`` (diffusers' solvers take none in this mode).
+- ``"unipc"`` (UniPCMultistep): s = the pipeline's ``sigmas`` or linspace(1, 1/T, N + 1) without its last entry,
+  shifted statically by ``flow_shift`` or dynamically with mu (exponential or linear), then ``shift_terminal``;
+  timesteps = int(s T).  diffusers moves a first s = 1 to 1 - 1e-6 (its UniPC step is singular there): the network
+  is given the same timestep (999 of 1000), but the grid keeps s = 1, whose step steerdiff takes exactly.
+
+Every grid here ends at s = 0.  (diffusers' DEIS and SA-Solver end their flow grids at the last nonzero sigma
+repeated, so their last step does not move the sample; steerdiff's samplers end at the clean sample.)
 """
 
 from __future__ import annotations
@@ -40,6 +55,46 @@ from .process import FLOW_KEYS, NoiseProcess, as_config, noise_process_family
 
 TIME_SHIFT_TYPES = ("exponential", "linear")
 SIGMA_SPACINGS = ("karras", "exponential", "beta")
+FLOW_GRIDS = ("flow_match", "dpm_solver", "unipc")
+# diffusers' schedulers whose use_flow_sigmas mode lays out each grid (module docstring)
+FLOW_GRID_OF_CLASS = {
+    "DPMSolverMultistepScheduler": "dpm_solver",
+    "DPMSolverSinglestepScheduler": "dpm_solver",
+    "DEISMultistepScheduler": "dpm_solver",
+    "SASolverScheduler": "dpm_solver",
+    "UniPCMultistepScheduler": "unipc",
+}
+_UNIPC_START = 1e-6  # diffusers' UniPC moves a first s = 1 to 1 - 1e-6; its timestep is what the network is given
+
+
+def flow_grid_of_config(config: Mapping[str, Any] | Any) -> str:
+    """Whose grid a flow-matching config lays out (:data:`FLOW_GRIDS`): its own ``flow_grid`` key (steerdiff's
+    schedulers), else ``"flow_match"`` unless it sets ``use_flow_sigmas``; then the grid of its diffusers class
+    (:data:`FLOW_GRID_OF_CLASS`), named by ``_class_name`` (a config loaded from a folder), by the scheduler
+    given, or, for the config of a scheduler built in Python (which has no class name), by the keys only that
+    family has: UniPC's ``disable_corrector`` / DPM-Solver's, DEIS's and SA-Solver's ``algorithm_type`` or
+    ``tau_func``.  A ``use_flow_sigmas`` config of any other class is a ValueError."""
+    name = None if isinstance(config, Mapping) else type(config).__name__  # a scheduler (as_config checks it)
+    config = as_config(config)
+    given = config.get("flow_grid")
+    if given is not None:
+        if given not in FLOW_GRIDS:
+            raise ValueError(f"flow_grid must be one of {FLOW_GRIDS}, got {given!r}")
+        return given
+    if not config.get("use_flow_sigmas"):
+        return "flow_match"
+    name = config.get("_class_name", name)
+    if name is None:
+        unipc = "disable_corrector" in config
+        dpm = "algorithm_type" in config or "tau_func" in config
+        if unipc != dpm:
+            return "unipc" if unipc else "dpm_solver"
+    if name not in FLOW_GRID_OF_CLASS:
+        raise ValueError(
+            f"the config sets use_flow_sigmas=True but its class is {name!r}: steerdiff lays out the flow grids of "
+            f"{sorted(FLOW_GRID_OF_CLASS)}; set flow_grid to one of {FLOW_GRIDS} to say which"
+        )
+    return FLOW_GRID_OF_CLASS[name]
 
 
 def _number(config: Mapping[str, Any], key: str, default):
@@ -70,6 +125,7 @@ class FlowMatchSchedule(NoiseProcess):
         shift_terminal: float | None = FLOW_KEYS["shift_terminal"],
         time_shift_type: str = FLOW_KEYS["time_shift_type"],
         sigma_spacing: str | None = None,
+        flow_grid: str = FLOW_KEYS["flow_grid"],
     ):
         if isinstance(num_train_timesteps, bool) or int(num_train_timesteps) != num_train_timesteps or num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}")
@@ -81,6 +137,15 @@ class FlowMatchSchedule(NoiseProcess):
             raise ValueError(f"sigma_spacing must be None or one of {SIGMA_SPACINGS}, got {sigma_spacing!r}")
         if shift_terminal is not None and not 0.0 < float(shift_terminal) < 1.0:
             raise ValueError(f"shift_terminal must lie in (0, 1) (or be None), got {shift_terminal!r}")
+        if flow_grid not in FLOW_GRIDS:
+            raise ValueError(f"flow_grid must be one of {FLOW_GRIDS}, got {flow_grid!r}")
+        if flow_grid != "flow_match" and sigma_spacing is not None:
+            raise ValueError(
+                f"use_{sigma_spacing}_sigmas=True re-spaces FlowMatchEulerDiscreteScheduler's grid (flow_grid='flow_match'); "
+                f"diffusers' {flow_grid!r} flow grid does not combine with it"
+            )
+        if flow_grid == "dpm_solver" and shift_terminal:
+            raise ValueError("shift_terminal applies to the 'flow_match' and 'unipc' flow grids, not to 'dpm_solver'")
         self.num_train_timesteps = int(num_train_timesteps)
         self.shift = float(shift)
         self.use_dynamic_shifting = bool(use_dynamic_shifting)
@@ -89,6 +154,7 @@ class FlowMatchSchedule(NoiseProcess):
         self.shift_terminal = None if not shift_terminal else float(shift_terminal)
         self.time_shift_type = time_shift_type
         self.sigma_spacing = sigma_spacing
+        self.flow_grid = flow_grid
         # the training sigmas' ends, in float32 as diffusers keeps them (step 1 of the module docstring)
         train = torch.from_numpy(np.linspace(1, self.num_train_timesteps, self.num_train_timesteps, dtype=np.float32)[::-1].copy())
         train = train / self.num_train_timesteps
@@ -99,8 +165,9 @@ class FlowMatchSchedule(NoiseProcess):
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Any) -> "FlowMatchSchedule":
         """From a flow-matching scheduler config: FlowMatchEulerDiscreteScheduler's keys, steerdiff's schedulers'
-        (the same keys), or a DPM-Solver / UniPC config with ``use_flow_sigmas=True`` (its ``flow_shift`` is the
-        shift).  A VP config is a ValueError."""
+        (the same keys, and ``flow_grid``), or a DPM-Solver / UniPC / DEIS / SA-Solver config with
+        ``use_flow_sigmas=True`` (its ``flow_shift`` is the shift, and its class says whose grid it lays out:
+        :func:`flow_grid_of_config`).  A VP config is a ValueError."""
         config = as_config(config)
         if noise_process_family(config) != "flow":
             raise ValueError("this scheduler config describes a VP schedule, not a flow-matching process")
@@ -124,6 +191,7 @@ class FlowMatchSchedule(NoiseProcess):
             shift_terminal=get("shift_terminal"),
             time_shift_type=_number(config, "time_shift_type", "exponential"),
             sigma_spacing=spacings[0] if spacings else None,
+            flow_grid=flow_grid_of_config(config),
         )
 
     # -- the process ------------------------------------------------------------------------------------
@@ -188,7 +256,12 @@ class FlowMatchSchedule(NoiseProcess):
         timesteps: Sequence[float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps (N,), sigmas (N + 1,) ending at 0), float32 on the CPU, exactly as
-        ``FlowMatchEulerDiscreteScheduler.set_timesteps`` builds them (module docstring)."""
+        ``FlowMatchEulerDiscreteScheduler.set_timesteps`` builds them, or the ``use_flow_sigmas`` mode of the
+        diffusers solver named by ``flow_grid`` (module docstring; its timesteps are int64, as there)."""
+        if self.flow_grid == "dpm_solver":
+            return self._dpm_solver_sigmas(num_inference_steps, sigmas, mu, timesteps)
+        if self.flow_grid == "unipc" and timesteps is not None:
+            raise ValueError("timesteps= is not part of UniPC's flow grid (flow_grid='unipc'); pass num_inference_steps or sigmas")
         if self.use_dynamic_shifting and mu is None:
             raise ValueError("mu must be given: this flow-matching config uses dynamic shifting (use_dynamic_shifting=True)")
         if mu is not None and (isinstance(mu, bool) or not isinstance(mu, Real) or not math.isfinite(mu)):
@@ -202,8 +275,10 @@ class FlowMatchSchedule(NoiseProcess):
         elif any(v is not None and len(v) != num_inference_steps for v in (sigmas, timesteps)):
             raise ValueError("sigmas and timesteps must have num_inference_steps entries when both are given")
         n = int(num_inference_steps)
-        given_t = None if timesteps is None else np.array(timesteps).astype(np.float32)
         T = self.num_train_timesteps
+        if self.flow_grid == "unipc":
+            return self._unipc_sigmas(n, sigmas, mu)
+        given_t = None if timesteps is None else np.array(timesteps).astype(np.float32)
         if sigmas is None:
             t = given_t if given_t is not None else np.linspace(self.sigma_max * T, self.sigma_min * T, n)
             s = t / T
@@ -220,9 +295,50 @@ class FlowMatchSchedule(NoiseProcess):
         t = torch.from_numpy(given_t) if given_t is not None else s * T
         return t, torch.cat([s, torch.zeros(1)])
 
+    def _unipc_sigmas(self, n: int, sigmas, mu) -> tuple[torch.Tensor, torch.Tensor]:
+        """UniPCMultistepScheduler's flow grid (module docstring), in float64 as diffusers computes it."""
+        T = self.num_train_timesteps
+        s = np.linspace(1, 1 / T, n + 1)[:-1] if sigmas is None else np.array(sigmas, dtype=np.float64)
+        s = np.asarray(self._shifted(s, mu), dtype=np.float64)
+        if self.shift_terminal:
+            one_minus = 1 - s
+            s = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
+        called = s.copy()
+        if abs(called[0] - 1) < _UNIPC_START:
+            called[0] -= _UNIPC_START
+        t = torch.from_numpy(called * T).to(torch.int64)
+        return t, torch.cat([torch.from_numpy(s.astype(np.float32)), torch.zeros(1)])
+
+    def _dpm_solver_sigmas(self, n, sigmas, mu, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+        """DPMSolverMultistepScheduler's flow grid, also DPMSolverSinglestep's, DEIS's and SA-Solver's (module
+        docstring), in float64 as diffusers computes it."""
+        if sigmas is not None or timesteps is not None:
+            raise ValueError(
+                "sigmas= and timesteps= are not part of DPM-Solver's flow grid (flow_grid='dpm_solver'): diffusers' "
+                "solvers take only num_inference_steps (and mu) in their use_flow_sigmas mode"
+            )
+        if n is None:
+            raise ValueError("give num_inference_steps")
+        shift = self.shift
+        if mu is not None:
+            if isinstance(mu, bool) or not isinstance(mu, Real) or not math.isfinite(mu):
+                raise ValueError(f"mu must be a finite number, got {mu!r}")
+            if not (self.use_dynamic_shifting and self.time_shift_type == "exponential"):
+                raise ValueError(
+                    "mu= needs use_dynamic_shifting=True with time_shift_type='exponential' on DPM-Solver's flow grid "
+                    "(it sets the shift to e^mu)"
+                )
+            shift = math.exp(mu)
+        T = self.num_train_timesteps
+        u = 1.0 - np.linspace(1, 1 / T, int(n) + 1)
+        s = np.flip(shift * u / (1 + (shift - 1) * u))[:-1].copy()
+        t = torch.from_numpy(s * T).to(torch.int64)
+        return t, torch.cat([torch.from_numpy(s.astype(np.float32)), torch.zeros(1)])
+
     def __repr__(self) -> str:
         shift = f"mu (dynamic, {self.time_shift_type})" if self.use_dynamic_shifting else f"{self.shift:g}"
-        return f"FlowMatchSchedule(num_train_timesteps={self.num_train_timesteps}, shift={shift})"
+        grid = "" if self.flow_grid == "flow_match" else f", flow_grid={self.flow_grid!r}"
+        return f"FlowMatchSchedule(num_train_timesteps={self.num_train_timesteps}, shift={shift}{grid})"
 
 
-__all__ = ["FlowMatchSchedule", "SIGMA_SPACINGS", "TIME_SHIFT_TYPES"]
+__all__ = ["FLOW_GRIDS", "FLOW_GRID_OF_CLASS", "FlowMatchSchedule", "SIGMA_SPACINGS", "TIME_SHIFT_TYPES", "flow_grid_of_config"]

@@ -45,6 +45,7 @@ FLOW_KEYS: dict[str, Any] = {
     "invert_sigmas": False,
     "shift_terminal": None,
     "time_shift_type": "exponential",
+    "flow_grid": "flow_match",  # steerdiff's: whose grid a flow config lays out (core.flow.FLOW_GRIDS)
 }
 VP_KEYS: dict[str, Any] = {
     "beta_start": 0.0001,

@@ -52,6 +52,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from ..core.denoiser import Prediction
 from ..core.grid import FINAL_SIGMAS_TYPES, Grid, check_choice, resolve_grid
 from ..core.prediction import convert_prediction, to_eps, to_x0
+from ..core.flow import flow_grid_of_config
 from ..core.process import FLOW_KEYS, NOISE_PROCESSES, VP_KEYS, as_config, noise_process_family, noise_process_from_config, prediction_type_from_config
 from ..core.nonfinite import NonFiniteWatch
 from ..core.steps import euler_step
@@ -84,6 +85,8 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
     - flow: ``FlowMatchEulerDiscreteScheduler``'s ``shift``, ``use_dynamic_shifting``, ``base_shift``,
       ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len``, ``shift_terminal``, ``time_shift_type``,
       ``use_karras_sigmas`` / ``use_exponential_sigmas`` / ``use_beta_sigmas``, ``invert_sigmas`` (refused);
+      ``flow_grid``: whose grid to lay out, "flow_match" (FlowMatchEulerDiscreteScheduler's), "dpm_solver" or
+      "unipc" (those solvers' ``use_flow_sigmas`` grids; ``from_config`` reads it from such a config's class);
     - ``prediction_type``: epsilon, v_prediction, sample or flow_prediction (None: flow_prediction on a flow
       process, else epsilon);
     - ``nonfinite_check``: auto, eager, deferred or off (module docstring).
@@ -122,6 +125,7 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
         invert_sigmas: bool = FLOW_KEYS["invert_sigmas"],
+        flow_grid: str = FLOW_KEYS["flow_grid"],
     ):
         check_choice("noise_process", noise_process, NOISE_PROCESSES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
@@ -157,8 +161,8 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
         """diffusers' ``from_config``, reading the noise process of ``config`` first: a flow-matching config
         (FlowMatchEulerDiscreteScheduler's, or a DPM-Solver / UniPC one with ``use_flow_sigmas``) gives
-        ``noise_process="flow"``, its shift (``flow_shift`` for the latter) and the velocity prediction.
-        Contradicting keys are a ValueError."""
+        ``noise_process="flow"``, its shift (``flow_shift`` for the latter), its grid (``flow_grid``: the
+        latter's class lays out its own) and the velocity prediction.  Contradicting keys are a ValueError."""
         source = dict(as_config(config)) if config is not None else {}
         if "noise_process" not in kwargs:
             probe = {**source, **{k: v for k, v in kwargs.items() if k in ("prediction_type", "use_flow_sigmas")}}
@@ -166,8 +170,10 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
             kwargs["noise_process"] = family
             if family == "flow":
                 kwargs.setdefault("prediction_type", prediction_type_from_config(probe))
-                if source.get("use_flow_sigmas") and "flow_shift" in source and "shift" not in source:
-                    kwargs.setdefault("shift", float(source["flow_shift"]))
+                if source.get("use_flow_sigmas"):
+                    if "flow_shift" in source and "shift" not in source:
+                        kwargs.setdefault("shift", float(source["flow_shift"]))
+                    kwargs.setdefault("flow_grid", flow_grid_of_config(source))
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # -- the diffusers contract -----------------------------------------------------------------------
