@@ -26,19 +26,21 @@ from steerdiff.pipelines.adjoint import sample_with_grad
 from steerdiff.testbeds.mixture import fit_digits_mixture
 
 
-EXACT_GRID = adjoint._grid
+class FrozenAlphaForm(adjoint._ExponentialForm):
+    """The adjoint's VP variables with the clocks of plain Euler in rho: increments alpha_k^p (rho_{k-1} - rho_k),
+    p = 2 for a_y and 1 for a_c / a_theta."""
 
-
-def frozen_alpha_grid(schedule, timesteps, device):
-    """The grid with the clocks of plain Euler in rho: increments alpha_k^p (rho_{k-1} - rho_k), p = 2 and 1."""
-    grid = EXACT_GRID(schedule, timesteps, device)
-    d_rho = grid.rho[:-1] - grid.rho[1:]  # rho_{k-1} - rho_k for k = 1..N, indexed k - 1
-    for name, power in (("atan_rho", 2), ("asinh_rho", 1)):
-        steps = grid.alpha[1:] ** power * d_rho
-        clock = torch.zeros_like(grid.rho)
-        clock[:-1] = torch.flip(torch.cumsum(torch.flip(steps, [0]), 0), [0])  # clock_{k-1} - clock_k = steps[k-1]
-        setattr(grid, name, clock)
-    return grid
+    def __init__(self, process, grid):
+        super().__init__(process, grid)
+        rho = grid.sigma_bar
+        d_rho = rho[:-1] - rho[1:]  # rho_{k-1} - rho_k for k = 1..N, indexed k - 1
+        clocks = []
+        for power in (2, 1):
+            steps = grid.alpha[1:] ** power * d_rho
+            clock = torch.zeros_like(rho)
+            clock[:-1] = torch.flip(torch.cumsum(torch.flip(steps, [0]), 0), [0])  # clock_{k-1} - clock_k = steps[k-1]
+            clocks.append(clock)
+        self.clock_y, self.clock_c = clocks
 
 
 def rel(a, b):
@@ -73,7 +75,7 @@ def main() -> int:
                       params=["means"], order=order)
             ref = sample_with_grad(model, x_T, model.schedule, mode="autograd", **kw)
             clocks = sample_with_grad(model, x_T, model.schedule, mode="adjoint", **kw)
-            with mock.patch.object(adjoint, "_grid", frozen_alpha_grid):
+            with mock.patch.object(adjoint, "_adjoint_form", FrozenAlphaForm):
                 frozen = sample_with_grad(model, x_T, model.schedule, mode="adjoint", **kw)
             print(f"| {order} | {n} | {rel(clocks.grad_x_T, ref.grad_x_T):.3e} | {rel(frozen.grad_x_T, ref.grad_x_T):.3e} | "
                   f"{rel(clocks.grad_params['means'], ref.grad_params['means']):.3e} | "

@@ -90,7 +90,7 @@ def test_grid_counts_calls_records_and_reports(tmp_path, tiny_model_dir):
     cfg = _config(
         tmp_path, tiny_model_dir,
         models=[{"model": str(tiny_model_dir), "label": "tiny", "metrics": ["divergence"]},
-                {"model": "mixture", "metrics": [{"name": "l2_to_reference", "kwargs": {"steps": 100}}, "log_likelihood"]}],
+                {"model": "mixture", "metrics": [{"name": "l2_to_reference", "kwargs": {"rtol": 1e-8}}, "log_likelihood"]}],
         schedulers=["ddim", "plms", "heun"], guidance=[{"scale": 1}, {"scale": 3}], nfe=[3, 4],
     )
     records = run_benchmark(cfg)

@@ -76,7 +76,7 @@ def test_benchmark_cells_on_both_flow_models(tmp_path):
 
     cfg = BenchmarkConfig.model_validate(dict(
         output_dir=str(tmp_path / "run"), progress=False, cache_dir=str(tmp_path / "cache"), num_samples=6, batch_size=6,
-        models=[{"model": "mixture-flow", "metrics": ["divergence", {"name": "l2_to_reference", "kwargs": {"steps": 200}},
+        models=[{"model": "mixture-flow", "metrics": ["divergence", {"name": "l2_to_reference", "kwargs": {"rtol": 1e-8}},
                                                       "log_likelihood"]},
                 {"model": "digits-flow", "metrics": ["divergence", "class_accuracy"]}],
         schedulers=["flow_euler", "FlowMatchHeunDiscreteScheduler", "dpmpp_2m", "unipc", "ghvb"],

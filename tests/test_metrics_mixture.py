@@ -7,7 +7,7 @@ import torch
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
-from steerdiff.benchmark.guidance import ClassifierFreeGuidance
+from steerdiff.benchmark.guidance import ClassifierFreeGuidance, RuleGuidance
 from steerdiff.core import NoiseSchedule
 from steerdiff.metrics.base import SampleSet
 from steerdiff.metrics.likelihood import MixtureLogLikelihood, mixture_log_likelihood
@@ -15,21 +15,61 @@ from steerdiff.metrics.reference_error import ReferenceL2, reference_solution
 from steerdiff.testbeds.mixture import GaussianMixtureDenoiser
 
 
-def test_reference_solution_equals_the_exact_gaussian_flow():
-    # For N(mu, s^2 I) the probability-flow ODE keeps the standardized coordinate fixed:
-    # x_0 = mu + s (x_T - alpha_T mu) / sqrt(alpha_T^2 s^2 + sigma_T^2).
-    mu, s = 0.3, 0.5
-    gaussian = GaussianMixtureDenoiser.from_components(torch.full((1, 1, 2, 2), mu, dtype=torch.float64),
-                                                       torch.full((1, 1, 2, 2), s**2, dtype=torch.float64))
-    schedule = NoiseSchedule.from_config({})
-    x_t = torch.randn(6, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    alpha, sigma = schedule.alpha_sigma(torch.tensor(999))
-    exact = mu + s * (x_t - alpha * mu) / torch.sqrt(alpha**2 * s**2 + sigma**2)
+@pytest.mark.parametrize("kind", ["vp", "flow"])
+def test_reference_solution_equals_the_exact_gaussian_flow(kind):
+    """For N(mu, diag s^2) the probability-flow ODE keeps the standardised coordinate fixed:
+    x_t = alpha_t mu + sqrt(alpha_t^2 s^2 + sigma_t^2) z.  The reference ends there to 1e-6 (measured 5e-10; the
+    1,000-step DPM-Solver++ 2M it replaces was 6e-4 / 9e-5 off): flow at s = 0, VP at t = 0 followed by the data
+    prediction there, the clean end every VP sampler takes."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    config = FlowMatchEulerDiscreteScheduler() if kind == "flow" else DDPMScheduler(clip_sample=False)
+    gen = torch.Generator().manual_seed(1)
+    mu = torch.randn(1, 1, 4, 4, generator=gen, dtype=torch.float64)
+    var = 0.01 + 0.3 * torch.rand(1, 1, 4, 4, generator=gen, dtype=torch.float64)
+    gaussian = GaussianMixtureDenoiser.from_components(mu, var, scheduler_config=config)
+    schedule = gaussian.schedule
+    x_t = torch.randn(6, 1, 4, 4, generator=gen, dtype=torch.float64)
+    start, end = (torch.tensor(1000.0), torch.tensor(0.0)) if kind == "flow" else (torch.tensor(999), torch.tensor(0))
+    (a0, s0), (a1, s1) = schedule.alpha_sigma(start), schedule.alpha_sigma(end)
+    exact = a1 * mu + torch.sqrt(a1**2 * var + s1**2) * (x_t - a0 * mu) / torch.sqrt(a0**2 * var + s0**2)
+    if kind == "vp":
+        exact = gaussian.posterior_mean(exact, end)
     model_fn = lambda x, t: gaussian(x, t).sample  # noqa: E731
-    errors = [(reference_solution(model_fn, x_t, schedule, steps=n) - exact).abs().max() for n in (50, 1000)]
-    # what is left at 1,000 steps is the last step, t = 0 (sigma = 0.01) -> clean, whose first-order error is
-    # ~ (sigma_0 / s)^2 / 2 |x - alpha mu| ~ 1e-4; every diffusers solver ends with that same step
-    assert errors[1] < 2e-4 and errors[1] < errors[0] / 10
+    ref = reference_solution(model_fn, x_t, schedule, gaussian.config.prediction_type)
+    assert float((ref - exact).flatten(1).norm(dim=1).max()) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["vp", "flow"])
+def test_reference_solution_on_the_digits_mixture_is_converged(kind):
+    """Guided (w = 3) on the digits mixture: within 1e-6 of the same solve at rtol 1e-13 (measured 2e-10 - 5e-10;
+    the former 1,000-step DPM-Solver++ 2M was 1.0e-3 (VP) and 2.7e-4 (flow) off)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from steerdiff.testbeds.mixture import fit_digits_mixture
+
+    config = FlowMatchEulerDiscreteScheduler() if kind == "flow" else DDPMScheduler(clip_sample=False)
+    model = fit_digits_mixture(dtype=torch.float64, scheduler_config=config)
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fn = ClassifierFreeGuidance(3.0).model_fn(model, torch.tensor([0, 3, 5, 8]), model.schedule, model.config.prediction_type)
+    ref = reference_solution(fn, noise, model.schedule, model.config.prediction_type)
+    tight = reference_solution(fn, noise, model.schedule, model.config.prediction_type, rtol=1e-13)
+    assert float((ref - tight).flatten(1).norm(dim=1).max()) < 1e-6
+
+
+def test_reference_refuses_a_stateful_rule_and_bad_tolerances():
+    from steerdiff.guidance import APG
+
+    mix, *_ = _two_class_mixture()
+    schedule = NoiseSchedule.from_alphas_cumprod(mix.alphas_cumprod)
+    fn = RuleGuidance(APG(3.0)).model_fn(mix, torch.tensor([0, 1]), schedule)
+    with pytest.raises(ValueError, match="keeps state from one evaluation to the next"):
+        reference_solution(fn, torch.randn(2, 1, 2, 2, dtype=torch.float64), schedule)
+    for bad in (0.0, 0.1, True, "1e-8"):
+        with pytest.raises(ValueError, match="rtol must be a number in"):
+            ReferenceL2(rtol=bad)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        ReferenceL2(batch_size=0)
 
 
 def _two_class_mixture():
@@ -65,12 +105,12 @@ def test_l2_metric_is_zero_for_the_reference_itself_and_cached(tmp_path):
     noise = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 1, 0])
     guidance = ClassifierFreeGuidance(3.0)
-    ref = reference_solution(guidance.model_fn(mix, labels), noise.double(), schedule, steps=100)
+    ref = reference_solution(guidance.model_fn(mix, labels), noise.double(), schedule, rtol=1e-8)
     samples = SampleSet(samples=ref.float(), labels=labels, noise=noise, denoiser=mix, guidance=guidance,
                         schedule=schedule, work_dir=tmp_path, reference_key="k")
-    metric = ReferenceL2(steps=100)
+    metric = ReferenceL2(rtol=1e-8)
     assert metric(samples)["l2_error"] < 1e-5
-    assert (tmp_path / "references" / "k-dpmpp2m100.safetensors").is_file()
+    assert (tmp_path / "references" / "k-dop853-rtol1e-08.safetensors").is_file()
     shifted = SampleSet(**{**samples.__dict__, "samples": ref.float() + 0.5})
     assert metric(shifted)["l2_error"] == pytest.approx(0.5 * 2, rel=1e-5)  # ||0.5 * ones(4)|| = 1
 

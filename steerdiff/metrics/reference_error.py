@@ -1,46 +1,113 @@
 """Error of a sampler's final samples against a high-accuracy solution of the same ODE from the same noise.
 
 The reference integrates the (guided) probability-flow ODE of the cell's network from the same initial noise
-x_T with 1,000 steps of DPM-Solver++ 2M (Lu et al. 2022; second order, :func:`steerdiff.core.sample_dpmpp_2m`)
-over the full grid t = 999, 998, ..., 0 -> clean (every training timestep), in float64.  The metric is the mean over samples of
+with scipy's DOP853 (Dormand and Prince's explicit Runge-Kutta method of order 8 with adaptive steps; Hairer,
+Norsett and Wanner, "Solving Ordinary Differential Equations I", II.10), in float64, relative and absolute
+tolerance ``rtol`` per value, one solve for the whole batch:
+
+- VP: d x_bar / d sigma_bar = eps(alpha x_bar, t(sigma_bar)) with x_bar = x / alpha, sigma_bar = sigma / alpha, from
+  t = T - 1 (where the VP samplers start) to t = 0, fractional timesteps on the schedule's own interpolation
+  (log alpha linear between integer timesteps).  The schedule, and any network trained on it, defines no noise
+  level between t = 0 and the clean end; the clean sample is the data prediction at t = 0, the last step of every
+  VP sampler (DDIM, DPM-Solver, UniPC, PLMS and steerdiff's, with ``final_sigmas_type="zero"``).
+- Flow matching: dx/ds = v(x, s), regular on all of [0, 1], from s = 1 (pure noise, where the flow samplers
+  start) to s = 0.
+
+The metric is the mean over samples of
 
     e_i = || x_i - x_ref,i ||_2        (over all C x H x W values),
 
-the quantity whose decay with NFE gives a solver's order of convergence.  The reference's own error is that of
-its last step, t = 0 (sigma = 0.01 for DDPM's linear schedule) -> clean, about 1e-4 on a unit-scale Gaussian;
-the solvers under test end with the same step.  On the analytic Gaussian mixture
-(:class:`steerdiff.testbeds.mixture.GaussianMixtureDenoiser`) the network is exact, so this is the pure
-discretisation error; on a trained network it is the error relative to that network's own ODE.  The
-reference is computed once per (model, guidance, noise) and cached in the run folder.
+the quantity whose decay with NFE gives a solver's order of convergence.  The reference's own error is measured
+by ``python -m benchmarks.reference_accuracy`` against exact Gaussian flows and against a solve at rtol = 1e-13
+(docs/benchmarks/reference_accuracy.md); the tests hold it below 1e-6 at the default rtol.
+On the analytic Gaussian mixture (:class:`steerdiff.testbeds.mixture.GaussianMixtureDenoiser`)
+the network is exact, so this is the pure discretisation error; on a trained network it is the error relative to
+that network's own ODE.  The guidance must be a function of (x, t): a rule that keeps state between evaluations
+or acts on evaluation indices has no reference solution.  The reference is computed once per (model, guidance,
+noise, rtol) and cached in the run folder.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
+import numpy as np
 import torch
 
 from ..atomic_io import atomic_save_safetensors
-from ..core.sampling import sample_dpmpp_2m
+from ..core.denoiser import as_denoiser
 from ..core.tensors import batch_norm
-from ..core.timesteps import spaced_timesteps, with_final
 from .base import Metric, SampleSet
 
+DEFAULT_RTOL = 1e-10
 
-def reference_solution(model_fn, noise: torch.Tensor, schedule, steps: int = 1000, prediction_type: str | None = None) -> torch.Tensor:
-    """x_0 from ``noise`` = x_T by ``steps`` DPM-Solver++ 2M steps, in noise's dtype.
+
+def _check_rule(denoiser) -> None:
+    rule = denoiser.rule
+    if rule is not None and getattr(rule, "stateful", False):
+        raise ValueError(
+            f"l2_to_reference: {rule!r} keeps state from one evaluation to the next, so the guided ODE it samples "
+            "depends on the solver's steps and has no reference solution; use a stateless rule (e.g. APG with momentum=0)"
+        )
+
+
+def reference_solution(model_fn, noise: torch.Tensor, schedule, prediction_type: str | None = None,
+                       rtol: float = DEFAULT_RTOL) -> torch.Tensor:
+    """x_0 from ``noise`` = x_T by an adaptive DOP853 solve of the probability-flow ODE (module docstring), in
+    noise's dtype.
 
     ``model_fn``: the model boundary (:class:`steerdiff.core.Denoiser`) or a plain ``(x, t) -> output`` of
-    ``prediction_type``; ``schedule``: the noise process (VP or flow).  The grid is diffusers' "trailing" spacing
-    (it starts at t = T - 1 for any step count and has no repeated timesteps; with steps = T it is every training
-    timestep), then the clean end; on a flow process, ``steps`` equal steps in s from 1 (pure noise, where the flow
-    samplers start) to 0."""
+    ``prediction_type``; ``schedule``: the noise process (VP or flow); ``rtol``: DOP853's relative and absolute
+    tolerance per value (in (0, 1e-3])."""
+    from scipy.integrate import solve_ivp
+
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 < rtol <= 1e-3:
+        raise ValueError(f"rtol must be a number in (0, 1e-3], got {rtol!r}")
+    denoiser = as_denoiser(model_fn, schedule, prediction_type)
+    _check_rule(denoiser)
+    denoiser.reset()
+    shape, device, f64 = noise.shape, noise.device, torch.float64
     T = schedule.num_train_timesteps
-    if schedule.kind == "flow":  # from pure noise (s = 1), where flow samplers start, to s = 0 in equal steps of s
-        grid = torch.linspace(T, 0, steps + 1, dtype=torch.float64)
-    else:
-        grid = with_final(spaced_timesteps(T, steps, "trailing", device=noise.device))
-    return sample_dpmpp_2m(model_fn, noise, schedule, grid, prediction_type)
+
+    def state(y: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(y).reshape(shape).to(device)
+
+    def host(v: torch.Tensor) -> np.ndarray:
+        return v.detach().to("cpu", f64).flatten().numpy()
+
+    def predict(x: torch.Tensor, t: torch.Tensor):
+        alpha, sigma = schedule.alpha_sigma(t)
+        return denoiser.predict(x, t.to(device), alpha.to(device), sigma.to(device))
+
+    def solve(rhs, span, y0: np.ndarray) -> np.ndarray:
+        sol = solve_ivp(rhs, span, y0, method="DOP853", rtol=rtol, atol=rtol)
+        if not sol.success:
+            raise RuntimeError(f"the reference solve failed: {sol.message}")
+        if not np.isfinite(sol.y[:, -1]).all():
+            raise FloatingPointError("the reference solve reached NaN/Inf: the network's output is not finite")
+        return sol.y[:, -1]
+
+    x = noise.detach().to(f64)
+    with torch.no_grad():
+        if schedule.kind == "flow":
+            def velocity(s, y):
+                return host(predict(state(y), torch.tensor(s * T, dtype=f64)).as_("flow_prediction"))
+
+            end = state(solve(velocity, (1.0, 0.0), host(x)))
+        else:
+            ends = torch.tensor([T - 1, 0])
+            alpha, sigma = schedule.alpha_sigma(ends)
+            sigma_bar = (sigma / alpha).tolist()
+
+            def eps(sb, y):
+                t = schedule.timestep_from_lambda(torch.tensor(-math.log(sb), dtype=f64))
+                a, _ = schedule.alpha_sigma(t)
+                return host(predict(a.to(device) * state(y), t).eps)
+
+            x_bar = solve(eps, (sigma_bar[0], sigma_bar[1]), host(x / alpha[0].to(device)))
+            end = predict(alpha[1].to(device) * state(x_bar), ends[1:2].reshape(())).x0  # the clean end at t = 0
+    return end.to(noise.dtype)
 
 
 def float64_network(denoiser):
@@ -53,20 +120,23 @@ def float64_network(denoiser):
 
 
 class ReferenceL2(Metric):
-    """``l2_error``: mean per-sample L2 distance to the 1,000-step second-order reference from the same noise."""
+    """``l2_error``: mean per-sample L2 distance to the adaptive DOP853 reference from the same noise (``rtol``: its
+    tolerance; ``batch_size``: samples per solve)."""
 
     name = "l2_to_reference"
     keys = ("l2_error",)
 
-    def __init__(self, steps: int = 1000, batch_size: int = 1000):
-        if int(steps) < 2 or int(batch_size) < 1:
-            raise ValueError(f"l2_to_reference: steps must be >= 2 and batch_size >= 1, got steps={steps}, batch_size={batch_size}")
-        self.steps, self.batch_size = int(steps), int(batch_size)
+    def __init__(self, rtol: float = DEFAULT_RTOL, batch_size: int = 1000):
+        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 < rtol <= 1e-3:
+            raise ValueError(f"l2_to_reference: rtol must be a number in (0, 1e-3], got {rtol!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"l2_to_reference: batch_size must be an integer >= 1, got {batch_size!r}")
+        self.rtol, self.batch_size = float(rtol), batch_size
 
     def reference(self, samples: SampleSet) -> torch.Tensor:
         path = None
         if samples.work_dir is not None and samples.reference_key is not None:
-            path = samples.work_dir / "references" / f"{samples.reference_key}-dpmpp2m{self.steps}.safetensors"
+            path = samples.work_dir / "references" / f"{samples.reference_key}-dop853-rtol{self.rtol:g}.safetensors"
             if path.is_file():
                 from safetensors.torch import load_file
 
@@ -78,7 +148,7 @@ class ReferenceL2(Metric):
             labels = samples.labels[start : start + self.batch_size].to(device)
             model_fn = samples.guidance.model_fn(network, labels, samples.schedule, samples.prediction_type)
             noise = samples.noise[start : start + self.batch_size].to(device, torch.float64)
-            parts.append(reference_solution(model_fn, noise, samples.schedule, self.steps, samples.prediction_type).cpu())
+            parts.append(reference_solution(model_fn, noise, samples.schedule, samples.prediction_type, self.rtol).cpu())
         ref = torch.cat(parts)
         if path is not None:
             atomic_save_safetensors(path, {"reference": ref})

@@ -8,7 +8,7 @@ fid                fid (Inception pool3; ``weights`` required)      1- or 3-chan
 precision_recall   precision, recall (k = 3)                        as fd (or ``features: inception``)
 divergence         magnitude_score, out_of_range                    any (C, H, W) model
 class_accuracy     class_accuracy (digits classifier)               1x8x8 class-conditional models
-l2_to_reference    l2_error (vs a 1,000-step 2nd-order solve)       any; the mixture's headline error
+l2_to_reference    l2_error (vs an adaptive DOP853 solve)           any; the mixture's headline error
 log_likelihood     log_likelihood (exact, nats)                     GaussianMixtureDenoiser models
 clip_score         clip_score (a local CLIP folder, ``model``)      text-to-image pipelines (RGB)
 saturation         saturation (HSV), clipped (fraction at bounds)   RGB image models

@@ -35,6 +35,15 @@ order 1 is DDIM (:func:`~steerdiff.core.steps.euler_step` on eps), order 2 is DP
     exactly with one VJP at x_{N-1}, which the forward pass keeps.  The result approximates the exact gradient
     of the discrete sampler with an error that shrinks as the grid is refined (first / second order).
 
+    On a flow-matching process these variables are singular at s = 1: a_y = (1 - s) a_x vanishes there, and
+    dL/dx_T = a_y / alpha_0 amplifies the last backward step's error by 1 / (1 - s_0) (1000 on a grid from
+    t = 999).  The flow ODE dx/ds = v(x, s) is regular on all of [0, 1], so on flow models the adjoint is solved
+    in x and s with the velocity's Jacobians (:class:`_VelocityForm`): d a_x/ds = -(dv/dx)^T a_x and
+    d a_c/ds, d a_theta/ds = -(dv/dc)^T a_x, -(dv/dtheta)^T a_x, all stepped in s (two-step Adams-Bashforth at
+    order 2); at order 1, whose forward pass is Euler in s, each backward step is the transpose of the forward one
+    (the VJP taken at the step's far end, where the forward step took its velocity, at the reconstructed state:
+    :func:`_transposed_euler`).  dL/dx_T is then the state itself, and the grid may start at s = 1.
+
 ``"checkpoint"``  (discretise-then-optimise: the exact gradient of the discrete sampler)
     Stores the per-step states (x_i and, at order 2, eps_i) and recomputes each step's graph during the
     backward pass; one network call and one VJP per step, memory O(steps x latent) plus one step's graph.
@@ -84,17 +93,76 @@ class AdjointResult:
     """Network calls, forward and backward passes together (a CFG pair is one batched call)."""
     state_bytes: int = 0
     """Peak bytes the mode keeps from one step to the next outside the autograd graph, besides the gradient
-    accumulators every mode returns: the stored x_i (and eps_i at order 2) of ``checkpoint``; x, a_y and, at
-    order 2, the previous augmented derivative of ``adjoint``; 0 for ``autograd`` (all of it is in the graph)."""
+    accumulators every mode returns: the stored x_i (and eps_i at order 2) of ``checkpoint``; x, a_y (a_x on flow
+    models) and, at order 2, the previous augmented derivative of ``adjoint`` (on flow models at order 1, the last two
+    velocities instead); 0 for ``autograd`` (all of it is in the graph)."""
     timesteps: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     """The grid that was integrated (N + 1 entries)."""
 
 
 # -- the grid and one step -------------------------------------------------------------------------------
-def _clocks(process: NoiseProcess, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clocks of the adjoint states on the grid, with rho = sigma_bar = sigma / alpha: int alpha^2 d rho for a_y
-    and int alpha d rho for a_c and a_theta (VP: atan(rho), asinh(rho); flow: s, -log(1 - s))."""
-    return process.alpha_integrals(grid.sigma_bar)
+class _ExponentialForm:
+    """The adjoint in AdjointDPM's variables (VP): y = x / alpha in rho = sigma / alpha, a_y = alpha a_x, network
+    term eps; each adjoint component steps in its own clock (module docstring), x backwards by DDIM on eps."""
+
+    network_space = "epsilon"
+    state_name = "a_y"
+
+    def __init__(self, process: NoiseProcess, grid: Grid):
+        self.grid = grid
+        # int alpha^2 d rho for a_y, int alpha d rho for a_c and a_theta (VP: atan(rho), asinh(rho))
+        self.clock_y, self.clock_c = process.alpha_integrals(grid.sigma_bar)
+
+    def state(self, dx: torch.Tensor, i: int) -> torch.Tensor:
+        """The carried adjoint a_y at grid point i from dL/dx_i."""
+        return self.grid.alpha[i].to(dx.dtype) * dx
+
+    def grad_x(self, a: torch.Tensor, i: int) -> torch.Tensor:
+        """dL/dx_i from the carried state."""
+        return a / self.grid.alpha[i].to(a.dtype)
+
+    def ratio(self, k: int):
+        """r0 of the two-step combination at backward point k (the backward grid's own step ratio, in lambda)."""
+        g = self.grid
+        return step_ratio(g.lam[k + 1], g.lam[k], g.lam[k - 1])
+
+    def step_x(self, x: torch.Tensor, direction: torch.Tensor, k: int) -> torch.Tensor:
+        g = self.grid
+        return euler_step(x, direction, g.alpha[k], g.sigma[k], g.alpha[k - 1], g.sigma[k - 1])
+
+
+class _VelocityForm:
+    """The adjoint of a flow model's ODE dx/ds = v(x, s) in its own variables, regular at both ends of [0, 1]:
+
+        dx/ds = v,   d a_x/ds = -(dv/dx)^T a_x,   d a_c/ds = -(dv/dc)^T a_x,   d a_theta/ds = -(dv/dtheta)^T a_x,
+
+    every component an Euler step in s (two-step Adams-Bashforth at order 2) with the network terms held constant.
+    In y = x / alpha the state a_y = (1 - s) a_x vanishes at s = 1 and dL/dx_T = a_y / alpha_0 amplifies the error
+    of the last backward step by 1 / (1 - s_0); here dL/dx_T is the state itself, and a grid may start at s = 1."""
+
+    network_space = "flow_prediction"
+    state_name = "a_x"
+
+    def __init__(self, process: NoiseProcess, grid: Grid):
+        self.grid = grid
+        self.clock_y = self.clock_c = grid.sigma
+
+    def state(self, dx: torch.Tensor, i: int) -> torch.Tensor:
+        return dx
+
+    def grad_x(self, a: torch.Tensor, i: int) -> torch.Tensor:
+        return a
+
+    def ratio(self, k: int):
+        s = self.grid.sigma
+        return step_ratio(s[k + 1], s[k], s[k - 1])
+
+    def step_x(self, x: torch.Tensor, direction: torch.Tensor, k: int) -> torch.Tensor:
+        return _clock_step(x, direction, self.clock_y[k], self.clock_y[k - 1])
+
+
+def _adjoint_form(process: NoiseProcess, grid: Grid):
+    return _VelocityForm(process, grid) if process.kind == "flow" else _ExponentialForm(process, grid)
 
 
 def _clock_step(v: torch.Tensor, direction: torch.Tensor, clock_s, clock_t) -> torch.Tensor:
@@ -147,7 +215,7 @@ class _Problem:
         if self.cond_differentiable:
             denoiser.cond = cond.detach().requires_grad_(True)
         self.cond = denoiser.cond
-        self.clock_y, self.clock_c = _clocks(denoiser.process, grid)
+        self.form = _adjoint_form(denoiser.process, grid)
         self.param_names = list(params)
         self.params = list(params.values())
         self.nfe = 0
@@ -244,7 +312,7 @@ def _checkpoint(problem: _Problem, x_T: torch.Tensor, order: int, seed_grad):
 
 
 def _adjoint(problem: _Problem, x_T: torch.Tensor, order: int, seed_grad):
-    g, n = problem.grid, problem.grid.num_steps
+    g, n, form = problem.grid, problem.grid.num_steps, problem.form
     kept: dict[int, torch.Tensor] = {}
 
     def keep(i, x, eps):
@@ -256,55 +324,98 @@ def _adjoint(problem: _Problem, x_T: torch.Tensor, order: int, seed_grad):
     loss, cot_x = seed_grad(x0, graph=False)
 
     # the final step, exactly: one VJP at x_{N-1}; its graph also gives the adjoint's first derivative
+    transposed = order == 1 and isinstance(form, _VelocityForm)
     with torch.enable_grad():
         x = kept.pop(n - 1).detach().requires_grad_(True)
         pred = problem.predict(x, n - 1)
-        eps = pred.eps
-        final = problem.vjp([g.euler(n - 1, x, eps, pred)], problem.inputs(x), [cot_x], retain_graph=n > 1)
+        final = problem.vjp([g.euler(n - 1, x, pred.eps, pred)], problem.inputs(x), [cot_x],
+                            retain_graph=n > 1 and not transposed)
         dx, a_cond, a_params = problem.split(final)
-        a_y = g.alpha[n - 1].to(dx.dtype) * dx
+        a = form.state(dx, n - 1)
         if n > 1:
-            deriv = _adjoint_derivative(problem, x, eps, a_y, n - 1)
+            # the transposed Euler steps need only the velocity here; the continuous adjoint its whole derivative
+            deriv = [pred.as_(form.network_space).detach()] if transposed else _adjoint_derivative(problem, x, pred, a, n - 1)
     state_bytes = 0
     watch = _NonFiniteWatch(x_T.device)
-    watch.update(n - 1, [a_y, *([a_cond] if a_cond is not None else []), *a_params])
+    watch.update(n - 1, [a, *([a_cond] if a_cond is not None else []), *a_params])
     x = x.detach()
     prev = None  # the augmented derivative at the previous (higher-lambda) backward point
+    if transposed:
+        a, a_cond, a_params, state_bytes = _transposed_euler(problem, x, deriv[0] if n > 1 else None, a, a_cond, a_params, watch)
+        watch.check(lambda k: _adjoint_nonfinite(problem, k))
+        return x0, loss, [a] + ([a_cond] if a_cond is not None else []) + a_params, state_bytes
     for k in range(n - 1, 0, -1):  # from grid point k to k - 1
         direction = deriv
         if order == 2 and prev is not None:
-            r = step_ratio(g.lam[k + 1], g.lam[k], g.lam[k - 1])  # the backward grid's r0, at point k
+            r = form.ratio(k)
             direction = [None if d is None else dpm_solver_2m_eps(d, p, r) for d, p in zip(deriv, prev)]
-        d_eps, d_ay, d_cond, d_params = direction[0], direction[1], direction[2], direction[3:]
-        x = euler_step(x, d_eps, g.alpha[k], g.sigma[k], g.alpha[k - 1], g.sigma[k - 1])
-        clock_y, clock_c = problem.clock_y, problem.clock_c
-        a_y = _clock_step(a_y, d_ay, clock_y[k], clock_y[k - 1])
+        d_x, d_a, d_cond, d_params = direction[0], direction[1], direction[2], direction[3:]
+        x = form.step_x(x, d_x, k)
+        clock_y, clock_c = form.clock_y, form.clock_c
+        a = _clock_step(a, d_a, clock_y[k], clock_y[k - 1])
         if a_cond is not None:
             a_cond = _clock_step(a_cond, d_cond, clock_c[k], clock_c[k - 1])
-        a_params = [_clock_step(a, d, clock_c[k], clock_c[k - 1]) for a, d in zip(a_params, d_params)]
-        watch.update(k, [a_y, *([a_cond] if a_cond is not None else []), *a_params])
-        state_bytes = max(state_bytes, _nbytes([x, a_y, *(prev or [])]))
+        a_params = [_clock_step(p, d, clock_c[k], clock_c[k - 1]) for p, d in zip(a_params, d_params)]
+        watch.update(k, [a, *([a_cond] if a_cond is not None else []), *a_params])
+        state_bytes = max(state_bytes, _nbytes([x, a, *(prev or [])]))
         if k > 1:
             prev = deriv if order == 2 else None
-            del direction, d_eps, d_ay, d_cond, d_params, deriv  # at order 1 nothing outlives the step
+            del direction, d_x, d_a, d_cond, d_params, deriv  # at order 1 nothing outlives the step
             with torch.enable_grad():
                 xk = x.requires_grad_(True)
-                deriv = _adjoint_derivative(problem, xk, problem.eps(xk, k - 1), a_y, k - 1)
+                deriv = _adjoint_derivative(problem, xk, problem.predict(xk, k - 1), a, k - 1)
             x = x.detach()
-    watch.check(
-        lambda k: f"the adjoint state (a_y, a_c or a_theta) became NaN/Inf in the backward step from timestep {float(g.t[k]):g} "
-        f"(grid point {k} of {n}, where the VJP was taken)"
+    watch.check(lambda k: _adjoint_nonfinite(problem, k))
+    return x0, loss, [form.grad_x(a, 0)] + ([a_cond] if a_cond is not None else []) + a_params, state_bytes
+
+
+def _adjoint_nonfinite(problem: _Problem, k: int) -> str:
+    g = problem.grid
+    return (
+        f"the adjoint state ({problem.form.state_name}, a_c or a_theta) became NaN/Inf in the backward step from "
+        f"timestep {float(g.t[k]):g} (grid point {k} of {g.num_steps})"
     )
-    grad_x_T = a_y / g.alpha[0].to(a_y.dtype)
-    return x0, loss, [grad_x_T] + ([a_cond] if a_cond is not None else []) + a_params, state_bytes
 
 
-def _adjoint_derivative(problem: _Problem, x: torch.Tensor, eps: torch.Tensor, a_y: torch.Tensor, i: int) -> list:
-    """The smooth factors of the augmented derivative at grid point i (detached):
-    [eps, -(d eps/dx)^T a_x, -(d eps/dc)^T a_x (or None), -(d eps/dtheta)^T a_x ...] with a_x = a_y / alpha."""
-    a_x = a_y / problem.grid.alpha[i].to(a_y.dtype)
-    dx, d_cond, d_params = problem.split(problem.vjp([eps], problem.inputs(x), [a_x]))
-    return [eps.detach(), -dx, None if d_cond is None else -d_cond, *[-d for d in d_params]]
+def _transposed_euler(problem: _Problem, x: torch.Tensor, v: torch.Tensor | None, a, a_cond, a_params, watch):
+    """Order 1 on a flow model: the transpose of each forward Euler step x_k = x_{k-1} + (s_k - s_{k-1}) v(x_{k-1}),
+
+        a_{k-1} = a_k + (s_k - s_{k-1}) (dv/dx)^T a_k,   a_c, a_theta likewise with dv/dc, dv/dtheta,
+
+    the network terms taken at x_{k-1}, where the forward step took them (the continuous adjoint's Euler step takes
+    them at x_k: on digits-flow that is several times less accurate at 20-50 steps, docs/benchmarks/flow.md).
+    x_{k-1} is reconstructed as x_k - (s_k - s_{k-1}) v~ with v~ the velocity extrapolated linearly in s from
+    x_{k+1} and x_k to x_{k-1} (the velocity at x_k alone at the first backward step): the states of the Euler
+    trajectory to O(h^3) per step, so the result is the discrete sampler's gradient up to that reconstruction.
+    One network call and one VJP per step, at grid points N - 2, ..., 0."""
+    g, n, s = problem.grid, problem.grid.num_steps, problem.grid.sigma
+    v_next = None  # the velocity at the previous (lower-s) backward point
+    state_bytes = 0
+    for k in range(n - 1, 0, -1):  # from grid point k to k - 1
+        direction = v if v_next is None else v + (v - v_next) * ((s[k - 1] - s[k]) / (s[k] - s[k + 1]))
+        x = _clock_step(x, direction, s[k], s[k - 1])
+        v_next = v
+        del direction
+        with torch.enable_grad():
+            xk = x.requires_grad_(True)
+            v, d_a, d_cond, *d_params = _adjoint_derivative(problem, xk, problem.predict(xk, k - 1), a, k - 1)
+        x = x.detach()
+        a = _clock_step(a, d_a, s[k], s[k - 1])
+        if a_cond is not None:
+            a_cond = _clock_step(a_cond, d_cond, s[k], s[k - 1])
+        a_params = [_clock_step(p, d, s[k], s[k - 1]) for p, d in zip(a_params, d_params)]
+        watch.update(k, [a, *([a_cond] if a_cond is not None else []), *a_params])
+        state_bytes = max(state_bytes, _nbytes([x, a, v, v_next]))
+    return a, a_cond, a_params, state_bytes
+
+
+def _adjoint_derivative(problem: _Problem, x: torch.Tensor, pred: Prediction, a: torch.Tensor, i: int) -> list:
+    """The network terms of the augmented derivative at grid point i (detached), with f the adjoint form's network
+    output (eps on VP, the velocity v on flow models) and a_x = dL/dx_i:
+    [f, -(df/dx)^T a_x, -(df/dc)^T a_x (or None), -(df/dtheta)^T a_x ...]."""
+    f = pred.as_(problem.form.network_space)
+    dx, d_cond, d_params = problem.split(problem.vjp([f], problem.inputs(x), [problem.form.grad_x(a, i)]))
+    return [f.detach(), -dx, None if d_cond is None else -d_cond, *[-d for d in d_params]]
 
 
 _MODE_FNS = {"adjoint": _adjoint, "checkpoint": _checkpoint, "autograd": _autograd}
@@ -423,11 +534,6 @@ def _setup(model, x_T, schedule, num_inference_steps, timesteps, timestep_spacin
     if timestep_spacing is None:
         timestep_spacing = config.get("timestep_spacing", "linspace")
     grid = _resolve_grid(process, num_inference_steps, timesteps, timestep_spacing, x_T.device)
-    if mode == "adjoint" and grid.starts_at_pure_noise:
-        raise ValueError(
-            "mode='adjoint' integrates y = x / alpha, which is infinite at pure noise (alpha = 0, the grid's first "
-            "point): start the grid below s = 1 (num_inference_steps gives t = T - 1 first) or use mode='checkpoint'"
-        )
     if getattr(guidance, "stateful", False) and mode != "autograd":
         raise ValueError(
             f"{guidance!r} keeps state from one evaluation to the next, but mode={mode!r} evaluates the network again "
@@ -494,11 +600,9 @@ def sample_with_grad(
             an unconditional diffusers-style model (see :mod:`steerdiff.pipelines.conditioning`).
         x_T: the initial noise (B, C, H, W); its dtype and device are the sampler's.
         schedule: a noise process (:class:`~steerdiff.core.NoiseSchedule`, :class:`~steerdiff.core.FlowMatchSchedule`),
-            a diffusers scheduler or its config (VP or flow matching: the flow ODE is integrated in the same
-            (alpha, sigma) form; mode="adjoint" needs a grid that starts below s = 1, and its dL/dx_T there is
-            divided by alpha_0 = 1 - s_0, which amplifies the error of its last step: on the digits flow model at 50
-            steps the direction is right (cosine 0.994) but the size is not (docs/benchmarks/flow.md); use
-            mode="checkpoint" for gradients with respect to x_T on flow models).
+            a diffusers scheduler or its config (VP or flow matching: the forward pass integrates the flow ODE in
+            the same (alpha, sigma) form; mode="adjoint" solves a flow model's adjoint in x and s, regular at both
+            ends, so its grid may start at s = 1; module docstring).
         num_inference_steps: N; the grid is ``with_final(spaced_timesteps(T, N, timestep_spacing))``, ending at
             the clean end, with the scheduler config's ``timestep_spacing`` unless given ("linspace" for a
             NoiseSchedule).  Or give ``timesteps`` (a decreasing grid of N + 1 timesteps, fractional allowed).
