@@ -3,26 +3,14 @@ and under guide() in both CFG patterns, and the samples are the ones a run that 
 
 import pytest
 import torch
+from reference_rules import EvaluateAll
 from test_guide_pipelines import FIRST_LAYERS, PIPELINES, output, pipeline
 
 from steerdiff.core import Denoiser, FlowMatchSchedule, sample_ddim
-from steerdiff.guidance import CFG, CFGZeroStar, GuidanceInterval, GuidanceRule
+from steerdiff.guidance import CFG, CFGZeroStar, GuidanceInterval
 from steerdiff.pipelines import guide
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class EvaluateAll(GuidanceRule):
-    """``rule``'s combination with every prediction evaluated (what the hook did before it could skip)."""
-
-    def __init__(self, rule):
-        self.rule = rule
-
-    def reset(self, timesteps=None):
-        self.rule.reset(timesteps)
-
-    def __call__(self, cond, uncond, state):
-        return self.rule(cond, uncond, state)
 
 
 def rows_at_first_layer(network):

@@ -4,6 +4,7 @@ branch (network calls counted), per-call reset, reversibility and clear errors."
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, EulerDiscreteScheduler, UNet2DModel
+from reference_rules import EvaluateAll
 from tiny_pipelines import tiny_dit_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from steerdiff.core import NoiseSchedule
@@ -51,19 +52,6 @@ def network_counter(pipe):
     counts = []
     handle = first.register_forward_hook(lambda module, args, out: counts.append(args[0].shape[0]))
     return counts, handle
-
-
-class EvaluateAll(GuidanceRule):
-    """``rule``'s combination, with the unconditional branch of every sample evaluated (a reference)."""
-
-    def __init__(self, rule):
-        self.rule = rule
-
-    def reset(self, timesteps=None):
-        self.rule.reset(timesteps)
-
-    def __call__(self, cond, uncond, state):
-        return self.rule(cond, uncond, state)
 
 
 @pytest.mark.parametrize("name", list(PIPELINES))
