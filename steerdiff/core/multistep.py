@@ -109,13 +109,39 @@ def _weights_of(start, older: list, end, beta: float) -> list:
     return [(f - scale * g) / beta for f, g in zip(forward, backward)]
 
 
+def _weights_array(start: np.ndarray, older: np.ndarray, end: np.ndarray, beta: float) -> np.ndarray:
+    """:func:`_weights_of` for M steps at once as 2-D array arithmetic (a few numpy calls, however large r is):
+    ``start``, ``end`` (M,), ``older`` (r - 1, M); returns (M, r)."""
+    h = end - start
+    nodes = np.concatenate([np.zeros((1, start.size)), (older - start) / h])  # (r, M), node 0 at 0
+    r = nodes.shape[0]
+    diff = nodes[:, None, :] - nodes[None, :, :]  # (r, r, M): t_j - t_k
+    diff[np.arange(r), np.arange(r)] = 1.0
+    denominators = diff.prod(axis=1)  # (r, M)
+
+    def integrals(lo, hi) -> np.ndarray:
+        half, mid = (hi - lo) / 2, (hi + lo) / 2
+        tau = mid + half * np.asarray(_GAUSS_X)[:, None]  # (2, M)
+        shifted = tau[:, None, :] - nodes[None, :, :]  # (2, r, M)
+        product = np.asarray(_GAUSS_W)[:, None] * shifted.prod(axis=1)  # (2, M): w P(tau)
+        return half * (product[:, None, :] / shifted).sum(axis=0) / denominators  # (r, M)
+
+    forward = integrals(0.0, 1.0)
+    if beta == 1.0:
+        return forward.T
+    tau1 = nodes[1]
+    backward = integrals(tau1, 0.0)
+    scale = (1 - beta) * (-1.0 / tau1)
+    return ((forward - scale * backward) / beta).T
+
+
 def _weights(sig: np.ndarray, beta: float) -> np.ndarray:
     """The weights (M, r) of M steps of order r >= 2, each row of ``sig`` (M, r + 1) being (sigma_{n+1}, sigma_n,
     sigma_{n-1}, ...) as in :func:`variable_adams_bashforth_coefficients`.  A few rows go through Python floats
     (a numpy operation costs more than the arithmetic on so few numbers), many as (M,) arrays."""
     if sig.shape[0] <= 4:
         return np.asarray([_weights_of(row[1], list(row[2:]), row[0], beta) for row in sig.tolist()])
-    return np.stack(_weights_of(sig[:, 1], [sig[:, k] for k in range(2, sig.shape[1])], sig[:, 0], beta), axis=1)
+    return _weights_array(sig[:, 1], sig[:, 2:].T, sig[:, 0], beta)
 
 
 def _check_beta(beta) -> float:
@@ -188,8 +214,8 @@ def compute_variable_adams_bashforth_grid(nodes: Sequence[float], order: int, be
         if order == 1:
             coefficients[full:, 0] = 1.0
         else:
-            older = [x[full - j : n - j] for j in range(1, order)]
-            coefficients[full:, :order] = np.stack(_weights_of(x[full:n], older, x[full + 1 : n + 1], b), axis=1)
+            older = np.stack([x[full - j : n - j] for j in range(1, order)])
+            coefficients[full:, :order] = _weights_array(x[full:n], older, x[full + 1 : n + 1], b)
     orders.setflags(write=False)
     coefficients.setflags(write=False)  # shared between runs on the same grid
     return AdamsWeights(orders, coefficients)
