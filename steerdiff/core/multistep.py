@@ -70,54 +70,20 @@ def adams_bashforth_coefficients(order: int, beta: float = 1.0) -> tuple[float, 
 _GAUSS_X, _GAUSS_W = (v.tolist() for v in np.polynomial.legendre.leggauss(2))  # exact for degree <= 3 (r <= 4)
 
 
-def _lagrange_integrals(nodes: list, denominators: list, lo, hi) -> list:
-    """int_lo^hi L_j(tau) d tau for the Lagrange basis on the nodes t_0 .. t_{r-1} (each an (M,) array, or a float
-    for one step), ``denominators[j]`` = prod_{k != j} (t_j - t_k): two-point Gauss-Legendre, exact for these
-    degrees (<= 3).  prod_{k != j} (tau - t_k) = P(tau) / (tau - t_j) with P = prod_k (tau - t_k): the Gauss points
-    lie strictly inside [lo, hi], every node at its ends or outside it, so tau - t_j is never 0."""
-    half, mid = (hi - lo) / 2, (hi + lo) / 2
-    points = []  # (w P(tau), [tau - t_k]) of each Gauss point
-    for x, w in zip(_GAUSS_X, _GAUSS_W):
-        tau = mid + half * x
-        shifted = [tau - t for t in nodes]
-        product = w
-        for d in shifted:
-            product = product * d
-        points.append((product, shifted))
-    return [half * sum(p / shifted[j] for p, shifted in points) / denominator for j, denominator in enumerate(denominators)]
-
-
-def _weights_of(start, older: list, end, beta: float) -> list:
-    """The weights c_j of steps from ``start`` to ``end`` on the nodes start, older[0], older[1], ... (floats for
-    one step, or (M,) arrays for M steps at once, in float64)."""
-    h = end - start
-    nodes = [start - start] + [(o - start) / h for o in older]
-    denominators = []
-    for j, tj in enumerate(nodes):
-        product = 1.0
-        for k, tk in enumerate(nodes):
-            if k != j:
-                product = product * (tj - tk)
-        denominators.append(product)
-    zero = nodes[0]
-    forward = _lagrange_integrals(nodes, denominators, zero, zero + 1.0)
-    if beta == 1.0:
-        return forward
-    tau1 = nodes[1]  # = -h_{n-1} / h_n
-    backward = _lagrange_integrals(nodes, denominators, tau1, zero)
-    scale = (1 - beta) * (-1.0 / tau1)  # (1 - beta) h_n / h_{n-1}
-    return [(f - scale * g) / beta for f, g in zip(forward, backward)]
-
-
 def _weights_array(start: np.ndarray, older: np.ndarray, end: np.ndarray, beta: float) -> np.ndarray:
-    """:func:`_weights_of` for M steps at once as 2-D array arithmetic (a few numpy calls, however large r is):
-    ``start``, ``end`` (M,), ``older`` (r - 1, M); returns (M, r)."""
+    """The weights c_j (M, r) of M steps at once, step m from ``start[m]`` to ``end[m]`` on the nodes start[m],
+    older[0, m], older[1, m], ... (``older`` (r - 1, M)), in float64 array arithmetic (a few numpy calls, however
+    large M is).  In tau = (sigma - start) / h the nodes are t_0 = 0, t_1, ..., and the forward weights are
+    int_0^1 L_j(tau) d tau for the Lagrange basis L_j on them, by two-point Gauss-Legendre, exact for these degrees
+    (<= 3): prod_{k != j} (tau - t_k) = P(tau) / (tau - t_j) with P = prod_k (tau - t_k), where the Gauss points lie
+    strictly inside the interval and every node at its ends or outside it, so tau - t_j is never 0.  For beta < 1
+    the backward integrals over [t_1, 0] enter as in the module docstring."""
     h = end - start
     nodes = np.concatenate([np.zeros((1, start.size)), (older - start) / h])  # (r, M), node 0 at 0
     r = nodes.shape[0]
     diff = nodes[:, None, :] - nodes[None, :, :]  # (r, r, M): t_j - t_k
     diff[np.arange(r), np.arange(r)] = 1.0
-    denominators = diff.prod(axis=1)  # (r, M)
+    denominators = diff.prod(axis=1)  # (r, M): prod_{k != j} (t_j - t_k)
 
     def integrals(lo, hi) -> np.ndarray:
         half, mid = (hi - lo) / 2, (hi + lo) / 2
@@ -129,19 +95,10 @@ def _weights_array(start: np.ndarray, older: np.ndarray, end: np.ndarray, beta: 
     forward = integrals(0.0, 1.0)
     if beta == 1.0:
         return forward.T
-    tau1 = nodes[1]
+    tau1 = nodes[1]  # = -h_{n-1} / h_n
     backward = integrals(tau1, 0.0)
-    scale = (1 - beta) * (-1.0 / tau1)
+    scale = (1 - beta) * (-1.0 / tau1)  # (1 - beta) h_n / h_{n-1}
     return ((forward - scale * backward) / beta).T
-
-
-def _weights(sig: np.ndarray, beta: float) -> np.ndarray:
-    """The weights (M, r) of M steps of order r >= 2, each row of ``sig`` (M, r + 1) being (sigma_{n+1}, sigma_n,
-    sigma_{n-1}, ...) as in :func:`variable_adams_bashforth_coefficients`.  A few rows go through Python floats
-    (a numpy operation costs more than the arithmetic on so few numbers), many as (M,) arrays."""
-    if sig.shape[0] <= 4:
-        return np.asarray([_weights_of(row[1], list(row[2:]), row[0], beta) for row in sig.tolist()])
-    return _weights_array(sig[:, 1], sig[:, 2:].T, sig[:, 0], beta)
 
 
 def _check_beta(beta) -> float:
@@ -158,10 +115,10 @@ def variable_adams_bashforth_coefficients(sigmas: Sequence[float], beta: float =
     node sigma_{n-1} must be among them (r >= 2 gives it).  The update is x_{n+1} = x_n + h_n sum_j c_j e_{n-j}
     with h_n = sigma_{n+1} - sigma_n.  Computed on the host in float64 from grid values only."""
     b = _check_beta(beta)
-    sig = np.asarray([[float(v) for v in sigmas]], dtype=np.float64)
-    if sig.shape[1] <= 2:
+    sig = np.asarray([float(v) for v in sigmas], dtype=np.float64)
+    if sig.size <= 2:
         return (1.0,)
-    return tuple(_weights(sig, b)[0].tolist())
+    return tuple(_weights_array(sig[1:2], sig[2:, None], sig[0:1], b)[0].tolist())
 
 
 class AdamsWeights:
@@ -196,8 +153,8 @@ def compute_variable_adams_bashforth_grid(nodes: Sequence[float], order: int, be
     """The weights of every step of a grid at once (what ``set_timesteps`` needs): step i (from ``nodes[i]`` to
     ``nodes[i + 1]``, i >= ``start``) on the nodes history_start..i, at most ``order`` of them (``history_start``
     defaults to ``start``; a node that cannot enter the history, such as sigma_bar = inf at pure noise, is left out
-    by starting it one later).  The steps of full order, all but the first few, are computed together as (M,)
-    arrays over sliding windows of the grid; the first few one by one.  Steps before ``start`` have no weights."""
+    by starting it one later).  The steps of full order, all but the first few, are computed together over sliding
+    windows of the grid; the first few (lower orders) one by one.  Steps before ``start`` have no weights."""
     b = _check_beta(beta)
     x = np.asarray(nodes, dtype=np.float64)
     n = x.size - 1
@@ -208,7 +165,7 @@ def compute_variable_adams_bashforth_grid(nodes: Sequence[float], order: int, be
     for i in range(start, min(full, n)):  # the warm-up: orders 1 .. order - 1
         r = max(1, min(order, i - first + 1))
         orders[i] = r
-        coefficients[i, :r] = [1.0] if r == 1 else _weights_of(x[i], x[i - r + 1 : i][::-1].tolist(), x[i + 1], b)
+        coefficients[i, :r] = 1.0 if r == 1 else _weights_array(x[i : i + 1], x[i - r + 1 : i][::-1, None], x[i + 1 : i + 2], b)[0]
     if full < n:
         orders[full:] = order
         if order == 1:
