@@ -112,6 +112,10 @@ def test_grids_that_cannot_be_followed_are_errors():
         sana.set_timesteps(sigmas=[1.0, 0.5, 0.2])
     with pytest.raises(ValueError, match="mu= needs use_dynamic_shifting=True"):
         sana.set_timesteps(4, mu=0.5)
+    with pytest.raises(ValueError, match="mu must be a finite number"):
+        sana.set_timesteps(4, mu=float("nan"))
+    with pytest.raises(ValueError, match="give num_inference_steps"):
+        FlowMatchSchedule(flow_grid="dpm_solver").inference_sigmas()
     wan = HeavyBallUniPCScheduler.from_config(UniPCMultistepScheduler(**FLOW, flow_shift=3.0).config)
     with pytest.raises(ValueError, match="timesteps= is not part of UniPC's flow grid"):
         wan.set_timesteps(timesteps=[900, 500, 100])

@@ -97,6 +97,11 @@ def flow_grid_of_config(config: Mapping[str, Any] | Any) -> str:
     return FLOW_GRID_OF_CLASS[name]
 
 
+def _static_shift(s, shift: float):
+    """s' = shift s / (1 + (shift - 1) s)."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
 def _number(config: Mapping[str, Any], key: str, default):
     value = config.get(key, default)
     return default if value is None else value
@@ -233,7 +238,14 @@ class FlowMatchSchedule(NoiseProcess):
             if self.time_shift_type == "exponential":
                 return math.exp(mu) / (math.exp(mu) + (1 / s - 1))
             return mu / (mu + (1 / s - 1))
-        return self.shift * s / (1 + (self.shift - 1) * s)
+        return _static_shift(s, self.shift)
+
+    def _stretched(self, s: np.ndarray) -> np.ndarray:
+        """``shift_terminal``: s'' = 1 - (1 - s') (1 - shift_terminal) / (1 - s'_last) (s itself without it)."""
+        if not self.shift_terminal:
+            return s
+        one_minus = 1 - s
+        return 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
 
     def _respaced(self, s: np.ndarray, n: int) -> np.ndarray:
         hi, lo = s[0].item(), s[-1].item()
@@ -258,14 +270,14 @@ class FlowMatchSchedule(NoiseProcess):
         """(timesteps (N,), sigmas (N + 1,) ending at 0), float32 on the CPU, exactly as
         ``FlowMatchEulerDiscreteScheduler.set_timesteps`` builds them, or the ``use_flow_sigmas`` mode of the
         diffusers solver named by ``flow_grid`` (module docstring; its timesteps are int64, as there)."""
+        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, Real) or not math.isfinite(mu)):
+            raise ValueError(f"mu must be a finite number, got {mu!r}")
         if self.flow_grid == "dpm_solver":
             return self._dpm_solver_sigmas(num_inference_steps, sigmas, mu, timesteps)
         if self.flow_grid == "unipc" and timesteps is not None:
             raise ValueError("timesteps= is not part of UniPC's flow grid (flow_grid='unipc'); pass num_inference_steps or sigmas")
         if self.use_dynamic_shifting and mu is None:
             raise ValueError("mu must be given: this flow-matching config uses dynamic shifting (use_dynamic_shifting=True)")
-        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, Real) or not math.isfinite(mu)):
-            raise ValueError(f"mu must be a finite number, got {mu!r}")
         if sigmas is not None and timesteps is not None and len(sigmas) != len(timesteps):
             raise ValueError(f"sigmas ({len(sigmas)}) and timesteps ({len(timesteps)}) must have the same length")
         if num_inference_steps is None:
@@ -285,10 +297,7 @@ class FlowMatchSchedule(NoiseProcess):
         else:
             s = np.array(sigmas).astype(np.float32)
             n = len(s)
-        s = self._shifted(s, mu)
-        if self.shift_terminal:
-            one_minus = 1 - s
-            s = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
+        s = self._stretched(self._shifted(s, mu))
         if self.sigma_spacing is not None:
             s = self._respaced(s, n)
         s = torch.from_numpy(np.asarray(s)).to(torch.float32)
@@ -299,10 +308,7 @@ class FlowMatchSchedule(NoiseProcess):
         """UniPCMultistepScheduler's flow grid (module docstring), in float64 as diffusers computes it."""
         T = self.num_train_timesteps
         s = np.linspace(1, 1 / T, n + 1)[:-1] if sigmas is None else np.array(sigmas, dtype=np.float64)
-        s = np.asarray(self._shifted(s, mu), dtype=np.float64)
-        if self.shift_terminal:
-            one_minus = 1 - s
-            s = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
+        s = self._stretched(np.asarray(self._shifted(s, mu), dtype=np.float64))
         called = s.copy()
         if abs(called[0] - 1) < _UNIPC_START:
             called[0] -= _UNIPC_START
@@ -321,8 +327,6 @@ class FlowMatchSchedule(NoiseProcess):
             raise ValueError("give num_inference_steps")
         shift = self.shift
         if mu is not None:
-            if isinstance(mu, bool) or not isinstance(mu, Real) or not math.isfinite(mu):
-                raise ValueError(f"mu must be a finite number, got {mu!r}")
             if not (self.use_dynamic_shifting and self.time_shift_type == "exponential"):
                 raise ValueError(
                     "mu= needs use_dynamic_shifting=True with time_shift_type='exponential' on DPM-Solver's flow grid "
@@ -330,8 +334,7 @@ class FlowMatchSchedule(NoiseProcess):
                 )
             shift = math.exp(mu)
         T = self.num_train_timesteps
-        u = 1.0 - np.linspace(1, 1 / T, int(n) + 1)
-        s = np.flip(shift * u / (1 + (shift - 1) * u))[:-1].copy()
+        s = np.flip(_static_shift(1.0 - np.linspace(1, 1 / T, int(n) + 1), shift))[:-1].copy()
         t = torch.from_numpy(s * T).to(torch.int64)
         return t, torch.cat([torch.from_numpy(s.astype(np.float32)), torch.zeros(1)])
 
