@@ -226,10 +226,6 @@ class _Problem:
         self.nfe += 1
         return self.denoiser.predict(x, g.t[i], *g.point(i), step=i)
 
-    def eps(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """The guided noise prediction at grid point i."""
-        return self.predict(x, i).eps
-
     def inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x, then the conditioning (when differentiable), then the parameters: what each VJP is taken w.r.t."""
         return [x] + ([self.cond] if self.cond_differentiable else []) + self.params
@@ -351,11 +347,7 @@ def _adjoint(problem: _Problem, x_T: torch.Tensor, order: int, seed_grad):
             direction = [None if d is None else dpm_solver_2m_eps(d, p, r) for d, p in zip(deriv, prev)]
         d_x, d_a, d_cond, d_params = direction[0], direction[1], direction[2], direction[3:]
         x = form.step_x(x, d_x, k)
-        clock_y, clock_c = form.clock_y, form.clock_c
-        a = _clock_step(a, d_a, clock_y[k], clock_y[k - 1])
-        if a_cond is not None:
-            a_cond = _clock_step(a_cond, d_cond, clock_c[k], clock_c[k - 1])
-        a_params = [_clock_step(p, d, clock_c[k], clock_c[k - 1]) for p, d in zip(a_params, d_params)]
+        a, a_cond, a_params = _step_states(form, k, a, a_cond, a_params, d_a, d_cond, d_params)
         watch.update(k, [a, *([a_cond] if a_cond is not None else []), *a_params])
         state_bytes = max(state_bytes, _nbytes([x, a, *(prev or [])]))
         if k > 1:
@@ -377,6 +369,16 @@ def _adjoint_nonfinite(problem: _Problem, k: int) -> str:
     )
 
 
+def _step_states(form, k: int, a, a_cond, a_params, d_a, d_cond, d_params):
+    """Each adjoint state's Euler step from grid point k to k - 1 in its clock (a in ``clock_y``, a_c and a_theta
+    in ``clock_c``), with the given derivatives."""
+    cy, cc = form.clock_y, form.clock_c
+    a = _clock_step(a, d_a, cy[k], cy[k - 1])
+    if a_cond is not None:
+        a_cond = _clock_step(a_cond, d_cond, cc[k], cc[k - 1])
+    return a, a_cond, [_clock_step(p, d, cc[k], cc[k - 1]) for p, d in zip(a_params, d_params)]
+
+
 def _transposed_euler(problem: _Problem, x: torch.Tensor, v: torch.Tensor | None, a, a_cond, a_params, watch):
     """Order 1 on a flow model: the transpose of each forward Euler step x_k = x_{k-1} + (s_k - s_{k-1}) v(x_{k-1}),
 
@@ -388,7 +390,7 @@ def _transposed_euler(problem: _Problem, x: torch.Tensor, v: torch.Tensor | None
     x_{k+1} and x_k to x_{k-1} (the velocity at x_k alone at the first backward step): the states of the Euler
     trajectory to O(h^3) per step, so the result is the discrete sampler's gradient up to that reconstruction.
     One network call and one VJP per step, at grid points N - 2, ..., 0."""
-    g, n, s = problem.grid, problem.grid.num_steps, problem.grid.sigma
+    n, s = problem.grid.num_steps, problem.form.clock_y  # the velocity form's clock: s itself
     v_next = None  # the velocity at the previous (lower-s) backward point
     state_bytes = 0
     for k in range(n - 1, 0, -1):  # from grid point k to k - 1
@@ -400,10 +402,7 @@ def _transposed_euler(problem: _Problem, x: torch.Tensor, v: torch.Tensor | None
             xk = x.requires_grad_(True)
             v, d_a, d_cond, *d_params = _adjoint_derivative(problem, xk, problem.predict(xk, k - 1), a, k - 1)
         x = x.detach()
-        a = _clock_step(a, d_a, s[k], s[k - 1])
-        if a_cond is not None:
-            a_cond = _clock_step(a_cond, d_cond, s[k], s[k - 1])
-        a_params = [_clock_step(p, d, s[k], s[k - 1]) for p, d in zip(a_params, d_params)]
+        a, a_cond, a_params = _step_states(problem.form, k, a, a_cond, a_params, d_a, d_cond, d_params)
         watch.update(k, [a, *([a_cond] if a_cond is not None else []), *a_params])
         state_bytes = max(state_bytes, _nbytes([x, a, v, v_next]))
     return a, a_cond, a_params, state_bytes
