@@ -70,6 +70,9 @@ def test_reference_refuses_a_stateful_rule_and_bad_tolerances():
             ReferenceL2(rtol=bad)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         ReferenceL2(batch_size=0)
+    broken = lambda x, t: mix(x, t).sample * (float("nan") if float(torch.as_tensor(t).flatten()[0]) < 500 else 1.0)  # noqa: E731
+    with pytest.raises(FloatingPointError, match=r"model output has NaN/Inf at timestep 4\d\d(\.\d+)? of the reference solve"):
+        reference_solution(broken, torch.randn(2, 1, 2, 2, dtype=torch.float64), schedule)
 
 
 def _two_class_mixture():

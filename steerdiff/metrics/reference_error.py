@@ -43,6 +43,12 @@ from .base import Metric, SampleSet
 DEFAULT_RTOL = 1e-10
 
 
+def _check_rtol(rtol) -> float:
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 < rtol <= 1e-3:
+        raise ValueError(f"l2_to_reference: rtol must be a number in (0, 1e-3], got {rtol!r}")
+    return float(rtol)
+
+
 def _check_rule(denoiser) -> None:
     rule = denoiser.rule
     if rule is not None and getattr(rule, "stateful", False):
@@ -62,8 +68,7 @@ def reference_solution(model_fn, noise: torch.Tensor, schedule, prediction_type:
     tolerance per value (in (0, 1e-3])."""
     from scipy.integrate import solve_ivp
 
-    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 < rtol <= 1e-3:
-        raise ValueError(f"rtol must be a number in (0, 1e-3], got {rtol!r}")
+    rtol = _check_rtol(rtol)
     denoiser = as_denoiser(model_fn, schedule, prediction_type)
     _check_rule(denoiser)
     denoiser.reset()
@@ -73,28 +78,31 @@ def reference_solution(model_fn, noise: torch.Tensor, schedule, prediction_type:
     def state(y: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(y).reshape(shape).to(device)
 
-    def host(v: torch.Tensor) -> np.ndarray:
-        return v.detach().to("cpu", f64).flatten().numpy()
+    def predict(x_of, t: torch.Tensor):
+        """The prediction at timestep t for the state ``x_of(alpha)`` (alpha, sigma computed once)."""
+        alpha, sigma = (v.to(device) for v in schedule.alpha_sigma(t))
+        return denoiser.predict(x_of(alpha), t.to(device), alpha, sigma)
 
-    def predict(x: torch.Tensor, t: torch.Tensor):
-        alpha, sigma = schedule.alpha_sigma(t)
-        return denoiser.predict(x, t.to(device), alpha.to(device), sigma.to(device))
+    def host(v: torch.Tensor, t: torch.Tensor) -> np.ndarray:
+        out = v.detach().to("cpu", f64).flatten().numpy()
+        if not np.isfinite(out).all():
+            raise FloatingPointError(f"the model output has NaN/Inf at timestep {float(t):g} of the reference solve")
+        return out
 
     def solve(rhs, span, y0: np.ndarray) -> np.ndarray:
         sol = solve_ivp(rhs, span, y0, method="DOP853", rtol=rtol, atol=rtol)
         if not sol.success:
             raise RuntimeError(f"the reference solve failed: {sol.message}")
-        if not np.isfinite(sol.y[:, -1]).all():
-            raise FloatingPointError("the reference solve reached NaN/Inf: the network's output is not finite")
         return sol.y[:, -1]
 
-    x = noise.detach().to(f64)
+    x = noise.detach().to(device, f64)
     with torch.no_grad():
         if schedule.kind == "flow":
             def velocity(s, y):
-                return host(predict(state(y), torch.tensor(s * T, dtype=f64)).as_("flow_prediction"))
+                t = torch.tensor(s * T, dtype=f64)
+                return host(predict(lambda a: state(y), t).as_("flow_prediction"), t)
 
-            end = state(solve(velocity, (1.0, 0.0), host(x)))
+            end = state(solve(velocity, (1.0, 0.0), x.flatten().cpu().numpy()))
         else:
             ends = torch.tensor([T - 1, 0])
             alpha, sigma = schedule.alpha_sigma(ends)
@@ -102,11 +110,10 @@ def reference_solution(model_fn, noise: torch.Tensor, schedule, prediction_type:
 
             def eps(sb, y):
                 t = schedule.timestep_from_lambda(torch.tensor(-math.log(sb), dtype=f64))
-                a, _ = schedule.alpha_sigma(t)
-                return host(predict(a.to(device) * state(y), t).eps)
+                return host(predict(lambda a: a * state(y), t).eps, t)
 
-            x_bar = solve(eps, (sigma_bar[0], sigma_bar[1]), host(x / alpha[0].to(device)))
-            end = predict(alpha[1].to(device) * state(x_bar), ends[1:2].reshape(())).x0  # the clean end at t = 0
+            x_bar = solve(eps, (sigma_bar[0], sigma_bar[1]), (x / alpha[0].to(device)).flatten().cpu().numpy())
+            end = predict(lambda a: a * state(x_bar), ends[1]).x0  # the clean end: the data prediction at t = 0
     return end.to(noise.dtype)
 
 
@@ -127,11 +134,10 @@ class ReferenceL2(Metric):
     keys = ("l2_error",)
 
     def __init__(self, rtol: float = DEFAULT_RTOL, batch_size: int = 1000):
-        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 < rtol <= 1e-3:
-            raise ValueError(f"l2_to_reference: rtol must be a number in (0, 1e-3], got {rtol!r}")
+        rtol = _check_rtol(rtol)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"l2_to_reference: batch_size must be an integer >= 1, got {batch_size!r}")
-        self.rtol, self.batch_size = float(rtol), batch_size
+        self.rtol, self.batch_size = rtol, batch_size
 
     def reference(self, samples: SampleSet) -> torch.Tensor:
         path = None
