@@ -510,20 +510,20 @@ class GuidanceHook:
         if pending is not None and pending["key"] != key:
             raise self._no_uncond_branch()  # the last step's conditional call had no unconditional partner
         b = x.shape[0]
-        state = self._state(timestep, x)
         skippable = _shaped_like_input(module) and not self.layout.rescale_to_cond_norm
-        if pending is None:
-            if skippable and not plan_predictions(self.rule, state).cond:
+        if pending is None:  # the step's plan, made once, at its first (conditional) call
+            state = self._state(timestep, x)
+            request = plan_predictions(self.rule, state)
+            if skippable and not request.cond:
                 self.skipped_calls += 1  # no prediction needed at this step: neither call runs
                 out = _placeholder_output(x, kwargs)
             else:
                 out = self._call(inner, args, kwargs, None, b)
-            self._pending = {"key": key, "out": out, "args": args, "kwargs": kwargs}
+            self._pending = {"key": key, "out": out, "args": args, "kwargs": kwargs, "state": state, "request": request}
             return out
         self._pending = None
-        cond_out = pending["out"]
+        cond_out, state, request = pending["out"], pending["state"], pending["request"]
         cond = _prediction(cond_out)
-        request = plan_predictions(self.rule, state)
         outputs = {COND: cond}
         u_rows = request.rows[UNCOND]
         if skippable and not request.cond:
