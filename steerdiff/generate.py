@@ -41,6 +41,8 @@ from .devices import check_device
 from .run_folder import check_output_file, check_writable_folder
 
 PROMPT_SUFFIXES = (".txt", ".jsonl")
+# the default scheduler where a pipeline passes its own sigmas (Qwen-Image): DPM-Solver++ 2M on steerdiff's core
+DEFAULT_ON_OWN_SIGMAS = Spec(name="dpmpp_2m_hb", kwargs={"beta": 1.0})
 # pipeline call arguments set from their own config fields, never from call_kwargs
 CALL_FIELDS = frozenset({"prompt", "negative_prompt", "class_labels", "batch_size", "generator", "num_inference_steps",
                          "output_type", "image", "mask_image", "strength", "height", "width"})
@@ -74,6 +76,14 @@ class GenerateConfig(StrictModel):
     attention: Literal["sdpa", "xformers"] = "sdpa"
     upscale: int | None = Field(None, ge=1, le=64)  # grid cells; null: 4 for images under 32 px, else 1
     output: str = "outputs/generate/digits.png"  # the grid; images and manifest.jsonl go to outputs/generate/digits/
+    overwrite: bool = False  # an images folder holding images of other settings: refused; true = replace them
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "guidance_scale" in data:
+            raise ValueError("guidance_scale: the guidance weight is guidance.kwargs.scale (e.g. guidance.kwargs.scale=7.5)")
+        return data
 
     @field_validator("scheduler", mode="before")
     @classmethod
@@ -288,19 +298,77 @@ def check_conditioning(cfg: GenerateConfig, kind: PipelineKind) -> None:
         raise ConfigError(f"mask_image: {what}) inpaints; give the mask's path (white = repaint)")
     for key in ("image", "mask_image"):
         path = getattr(cfg, key)
-        if path is not None and not Path(path).expanduser().is_file():
-            raise ConfigError(f"{key}: image file {path!r} does not exist")
+        if path is not None:
+            check_image_file(path, key)
+    check_strength(cfg, kind)
+    if "num_images_per_prompt" in cfg.call_kwargs:
+        raise ConfigError("call_kwargs: num_images_per_prompt is set by images_per_prompt (each image gets its own "
+                          "seed); give images_per_prompt instead")
     unknown = sorted(k for k in cfg.call_kwargs if k not in kind.params)
     if unknown:
         raise ConfigError(f"call_kwargs: {kind.name} takes no {unknown}")
     reserved = sorted(set(cfg.call_kwargs) & CALL_FIELDS)
     if reserved:
         raise ConfigError(f"call_kwargs: {reserved} are set from their own config fields")
+    check_call_kwargs(kind, cfg.call_kwargs)
     if cfg.attention == "xformers":
         if importlib.util.find_spec("xformers") is None:
             raise ConfigError("attention: xformers is not installed (pip install xformers); use attention: sdpa")
         if not str(cfg.device).startswith("cuda"):
             raise ConfigError(f"attention: xformers runs on CUDA only, device is {cfg.device!r}; use attention: sdpa")
+
+
+def check_image_file(path: str, key: str) -> None:
+    """``path`` is an image file PIL can decode (its pixels are read: a truncated file is found now)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{key}: image file {path!r} does not exist")
+    try:
+        with Image.open(file) as im:
+            im.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ConfigError(f"{key}: {path!r} is not an image PIL can read ({type(err).__name__}: {err})") from None
+
+
+def check_strength(cfg: GenerateConfig, kind: PipelineKind) -> None:
+    """img2img / inpainting run int(steps x strength) denoising steps: zero of them is refused."""
+    if not kind.takes("strength"):
+        return
+    strength = cfg.strength
+    if strength is None:
+        default = inspect.signature(kind.cls.__call__).parameters["strength"].default
+        strength = default if isinstance(default, (int, float)) else None
+    if strength is not None and int(cfg.steps * strength) < 1:
+        need = math.ceil(1 / strength - 1e-12)
+        raise ConfigError(f"strength: {kind.name} runs int(steps x strength) denoising steps, and steps={cfg.steps} x "
+                          f"strength={strength} makes none; use steps >= {need} or a larger strength")
+
+
+def check_call_kwargs(kind: PipelineKind, call_kwargs: dict[str, Any]) -> None:
+    """Each value has the type the pipeline's signature annotates (pydantic's lax rules: "0.5" is a float); an
+    argument that takes tensors or images only cannot come from a config."""
+    import typing
+
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+    try:
+        hints = typing.get_type_hints(kind.cls.__call__)
+    except Exception:  # annotations this Python cannot evaluate: the pipeline checks its own inputs
+        return
+    for key, value in call_kwargs.items():
+        hint = hints.get(key)
+        if hint is None or hint is Any:
+            continue
+        try:
+            TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True)).validate_python(value)
+        except ValidationError:
+            raise ConfigError(f"call_kwargs.{key}: {kind.name} takes {_type_name(hint)}, got {value!r}") from None
+        except Exception:  # a type pydantic cannot check
+            continue
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 # -- the job ---------------------------------------------------------------------------------------------------------
@@ -337,6 +405,8 @@ def plan_items(cfg: GenerateConfig, kind: PipelineKind, num_classes: int | None)
         items = [Item(0, prompt=p["prompt"], negative_prompt=p["negative_prompt"]) for p in prompts for _ in range(cfg.images_per_prompt)]
         for i, item in enumerate(items):
             item.index = i
+        if cfg.images_per_prompt == 1:  # one image per prompt: a near-square grid, not one tall column
+            return items, max(1, round(math.sqrt(len(items))))
         return items, len(prompts)
     n = cfg.num_images or 16
     return [Item(i) for i in range(n)], max(1, int(math.sqrt(n)))
@@ -360,15 +430,23 @@ def plan_guidance(spec: Spec | None, kind: PipelineKind) -> GuidancePlan:
     key = "true_cfg_scale" if true_cfg else "guidance_scale"
     if not kind.takes(key):
         raise ConfigError(f"guidance: {kind.name} takes no guidance_scale; set guidance: null")
+    from .guidance import get_rule
+    from .pipelines.class_conditional import ClassConditionalPipeline
+    from .pipelines.hooks import CFG_ON, SUPPORTED_PIPELINES
+
+    hookable = kind.kind == "class" or any(c.__name__ in SUPPORTED_PIPELINES for c in kind.cls.__mro__)
     if spec.name == "cfg" and not isinstance(spec.scale, dict) and set(spec.kwargs) <= {"scale"}:
         scale = spec.kwargs.get("scale", 1.0)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < math.inf:
             raise ConfigError(f"guidance: cfg scale must be a finite number >= 0 or a weight-schedule mapping, got {scale!r}")
-        return GuidancePlan({key: float(scale)}, negative_default="" if true_cfg and scale > 1 else None)
-    from .guidance import get_rule
-    from .pipelines.hooks import CFG_ON, SUPPORTED_PIPELINES
-
-    if kind.kind != "class" and not any(c.__name__ in SUPPORTED_PIPELINES for c in kind.cls.__mro__):
+        # diffusers' pipelines switch their CFG branch off at scale <= 1 (steerdiff's class pipeline does not): a
+        # scale under 1 goes in as a rule with the branch on, scale 0 being the unconditional model
+        if scale >= 1 or issubclass(kind.cls, ClassConditionalPipeline):
+            return GuidancePlan({key: float(scale)}, negative_default="" if true_cfg and scale > 1 else None)
+        if not hookable:
+            raise ConfigError(f"guidance: cfg scale {scale} < 1: {kind.name} turns its CFG off at scale <= 1 (it would "
+                              "sample at scale 1) and guide() cannot hook it to apply the scale; use a scale >= 1")
+    if not hookable:
         raise ConfigError(
             f"guidance: guide() cannot hook {kind.name} (it hooks {', '.join(SUPPORTED_PIPELINES)}); use guidance "
             "{name: cfg, scale: w} (the pipeline's own CFG) or null"
@@ -452,17 +530,19 @@ def load_any_pipeline(model: str, cls: type, folder: Path | None, device, dtype:
     diffusers pipeline folder: ``cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)`` after every
     component's weights are checked to be complete safetensors files."""
     from .pipelines.class_conditional import ClassConditionalPipeline
+    from .pipelines.folder import check_components, model_index
     from .pipelines.loading import load_pipeline
 
     if issubclass(cls, ClassConditionalPipeline):
         return load_pipeline(model, device=device, dtype=dtype)
     from .weights import check_safetensors_folder
 
+    check_components(folder)
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         if (sub / "config.json").is_file():  # a model component: safetensors only, complete, before diffusers reads it
             check_safetensors_folder(sub)
     # components saved as None (SD3 without its T5 encoder) are passed as None: diffusers would ask for them
-    absent = {k: None for k, v in json.loads((folder / "model_index.json").read_text()).items()
+    absent = {k: None for k, v in model_index(folder).items()
               if not k.startswith("_") and isinstance(v, list) and v[:1] == [None]}
     pipe = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype, **absent)
     pipe.to(device)
@@ -470,8 +550,75 @@ def load_any_pipeline(model: str, cls: type, folder: Path | None, device, dtype:
     return pipe
 
 
+def planned_scheduler(spec: Spec | None, folder: Path):
+    """The scheduler a run of a diffusers folder samples with, built from the folder's scheduler config alone:
+    ``spec`` by name (its noise process checked against the model's), or the folder's own class."""
+    from .pipelines.folder import folder_scheduler_config
+    from .samplers.registry import make_scheduler
+
+    config = folder_scheduler_config(folder)
+    name = spec.name if spec is not None else config.get("_class_name")
+    try:
+        return make_scheduler(name, config, **(spec.kwargs if spec is not None else {}))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"scheduler: {err}") from None
+
+
+def with_default_scheduler(cfg: GenerateConfig) -> GenerateConfig:
+    """``cfg``, or, where the config left the scheduler at its default and the pipeline passes its own sigmas, which
+    the default (diffusers' DPMSolverMultistepScheduler) cannot take (Qwen-Image), ``cfg`` with
+    ``DEFAULT_ON_OWN_SIGMAS``: DPM-Solver++ 2M on steerdiff's core, which takes them.  Said when it happens, and
+    recorded with the images as what ran."""
+    from .pipelines.class_conditional import ClassConditionalPipeline
+    from .pipelines.folder import passes_own_sigmas, takes_sigmas
+
+    if "scheduler" in cfg.model_fields_set or cfg.scheduler is None:
+        return cfg
+    cls, folder = resolve_pipeline_class(cfg.model)
+    if folder is None or issubclass(cls, ClassConditionalPipeline) or not passes_own_sigmas(cls):
+        return cfg
+    if takes_sigmas(planned_scheduler(cfg.scheduler, folder)):
+        return cfg
+    print(f"scheduler: {cls.__name__} passes its own sigmas, which the default {cfg.scheduler.name} (diffusers' "
+          f"DPMSolverMultistepScheduler) cannot take; using {DEFAULT_ON_OWN_SIGMAS.name} with beta=1 (DPM-Solver++ 2M)")
+    return cfg.model_copy(update={"scheduler": DEFAULT_ON_OWN_SIGMAS})
+
+
+def earlier_run_conflict(folder: Path, items: list[Item], settings: dict[int, dict[str, Any]]) -> str | None:
+    """Why the images folder cannot take this run without replacing another run's images (None if it can): an
+    image of another settings at one of this run's file names, or an earlier manifest listing other images."""
+    wanted = {i: json.loads(json.dumps(v)) for i, v in settings.items()}  # as stored: JSON types
+    for it in items:
+        path = folder / it.file
+        if not path.is_file():
+            continue
+        try:
+            with Image.open(path) as im:
+                old = json.loads(im.text.get("steerdiff", "null"))
+        except (OSError, ValueError):
+            continue  # damaged: made again
+        if isinstance(old, dict) and old != wanted[it.index]:
+            keys = sorted(k for k in set(old) | set(wanted[it.index]) if old.get(k) != wanted[it.index].get(k))
+            return f"{it.file} was made with other settings (differs in {', '.join(keys)})"
+    manifest = folder / "manifest.jsonl"
+    if manifest.is_file():
+        files = [line for line in manifest.read_text().splitlines() if line.strip()]
+        if len(files) != len(items):
+            return f"its manifest.jsonl lists {len(files)} images of an earlier run, this run makes {len(items)}"
+    return None
+
+
 def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarray]:
-    """Run ``cfg``; returns the grid's path and the images (N, H, W, C) in [0, 1]."""
+    """Run ``cfg``; returns the grid's path and the images (N, H, W, C) in [0, 1].  Everything the config and the
+    model folder's JSON files decide is checked, and the images folder locked, before any weights are read."""
+    from contextlib import ExitStack
+
+    from .pipelines.folder import check_image_size, makes_videos, passes_own_sigmas, takes_sigmas
+
+    cfg = with_default_scheduler(cfg)
+    from .pipelines.hooks import guide
+    from .pipelines.watch import watch_nonfinite
+    from .run_folder import RunFolderLock, make_folder
     from .samplers.registry import make_scheduler
 
     out = check_output_file(cfg.output, "output", suffixes=(".png",))  # before any work
@@ -479,44 +626,60 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
     check_device(cfg.device)
     cls, model_folder = resolve_pipeline_class(cfg.model)
     kind = pipeline_kind(cls)
+    if makes_videos(kind.params):
+        raise ConfigError(f"model: {kind.name} makes videos (its call takes num_frames); generate writes images — run "
+                          "it from Python with guide(pipe, rule)")
     check_conditioning(cfg, kind)
     guidance = plan_guidance(cfg.guidance, kind)
     clash = sorted(set(cfg.call_kwargs) & set(guidance.kwargs))
     if clash:
         raise ConfigError(f"call_kwargs: {clash} are set by guidance ({cfg.guidance.display}); give the weight there")
+    scheduler = None
+    if model_folder is not None and kind.cls.__name__ != "ClassConditionalPipeline":  # a diffusers folder
+        from .pipelines.folder import check_components
+
+        check_components(model_folder)
+        check_image_size(cls, model_folder, cfg.height, cfg.width)
+        scheduler = planned_scheduler(cfg.scheduler, model_folder)
+        if passes_own_sigmas(cls) and not takes_sigmas(scheduler):
+            raise ConfigError(
+                f"scheduler: {kind.name} passes its own sigmas to set_timesteps, which {type(scheduler).__name__} "
+                f"cannot take; use {DEFAULT_ON_OWN_SIGMAS.name} with beta=1 (DPM-Solver++ 2M on the pipeline's "
+                "sigmas), another steerdiff scheduler (plms_hb, dpmpp_3m_hb, unipc_hb, ghvb) or flow_euler")
+        check_steps(scheduler, cfg.steps)
     if kind.kind != "class":  # prompt files and negatives checked before the weights are read
         items, rows = plan_items(cfg, kind, None)
-    pipe = load_generation_pipeline(cfg, cls, model_folder)
-    if kind.kind == "class":  # the model says how many classes it has
-        items, rows = plan_items(cfg, kind, _num_classes(pipe))
-    if cfg.scheduler is not None:
-        try:
-            pipe.scheduler = make_scheduler(cfg.scheduler.name, pipe.scheduler.config, **cfg.scheduler.kwargs)
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"scheduler: {err}") from None
-    check_steps(pipe.scheduler, cfg.steps)
-    if cfg.attention == "xformers":
-        pipe.enable_xformers_memory_efficient_attention()
-    pipe.set_progress_bar_config(disable=True)  # one bar over the images instead of one per batch
-    fixed: dict[str, Any] = {**guidance.kwargs, **cfg.call_kwargs}
-    for key in ("strength", "height", "width"):
-        if getattr(cfg, key) is not None:
-            fixed[key] = getattr(cfg, key)
-    inputs = {key: Image.open(Path(getattr(cfg, key)).expanduser()).convert("RGB" if key == "image" else "L")
-              for key in ("image", "mask_image") if getattr(cfg, key) is not None}
+        settings = {it.index: _settings(cfg, it) for it in items}
 
-    from contextlib import ExitStack
-
-    from .pipelines.hooks import guide
-    from .pipelines.watch import watch_nonfinite
-    from .run_folder import RunFolderLock
-
-    settings = {it.index: _settings(cfg, it) for it in items}
-    folder.mkdir(parents=True, exist_ok=True)
-    chunks, reused = [], 0
     with ExitStack() as stack:
-        lock = RunFolderLock(folder)  # one run per images folder
+        make_folder(folder, "output (its images folder)")
+        lock = RunFolderLock(folder, what="output")  # one run per images folder, taken before the weights load
         stack.callback(lock.release)
+        if kind.kind != "class":
+            _claim_images_folder(cfg, folder, items, settings)
+        pipe = load_generation_pipeline(cfg, cls, model_folder)
+        if kind.kind == "class":  # the model says how many classes it has
+            items, rows = plan_items(cfg, kind, _num_classes(pipe))
+            settings = {it.index: _settings(cfg, it) for it in items}
+            _claim_images_folder(cfg, folder, items, settings)
+        if scheduler is not None:
+            pipe.scheduler = scheduler
+        elif cfg.scheduler is not None:
+            try:
+                pipe.scheduler = make_scheduler(cfg.scheduler.name, pipe.scheduler.config, **cfg.scheduler.kwargs)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"scheduler: {err}") from None
+        check_steps(pipe.scheduler, cfg.steps)
+        if cfg.attention == "xformers":
+            pipe.enable_xformers_memory_efficient_attention()
+        pipe.set_progress_bar_config(disable=True)  # one bar over the images instead of one per batch
+        fixed: dict[str, Any] = {**guidance.kwargs, **cfg.call_kwargs}
+        for key in ("strength", "height", "width"):
+            if getattr(cfg, key) is not None:
+                fixed[key] = getattr(cfg, key)
+        inputs = {key: Image.open(Path(getattr(cfg, key)).expanduser()).convert("RGB" if key == "image" else "L")
+                  for key in ("image", "mask_image") if getattr(cfg, key) is not None}
+        chunks, reused = [], 0
         if guidance.rule is not None:
             try:  # a perturbation that does not fit the network, a weak model that does not load
                 stack.enter_context(guide(pipe, guidance.rule))
@@ -568,8 +731,24 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
     return out, images
 
 
+def _claim_images_folder(cfg: GenerateConfig, folder: Path, items: list[Item], settings: dict[int, dict]) -> None:
+    """Refuse to replace another run's images unless ``overwrite``; with it, remove that run's images and manifest."""
+    conflict = earlier_run_conflict(folder, items, settings)
+    if conflict is None:
+        return
+    if not cfg.overwrite:
+        raise ConfigError(f"output: the images folder {str(folder)!r} holds another run's images ({conflict}); choose "
+                          "another output, or set overwrite=true to replace them")
+    for path in folder.glob("[0-9][0-9][0-9][0-9][0-9].png"):  # what this run can reuse stays
+        index = int(path.stem)
+        if index not in settings or _finished_image(path, settings[index]) is None:
+            path.unlink()
+    (folder / "manifest.jsonl").unlink(missing_ok=True)
+
+
 def load_generate_config(path=None, overrides=None) -> GenerateConfig:
     return load_config(GenerateConfig, path, overrides)
 
 
-__all__ = ["GenerateConfig", "check_steps", "generate", "image_grid", "load_prompts", "pipeline_kind", "png_info"]
+__all__ = ["GenerateConfig", "check_steps", "generate", "image_grid", "load_prompts", "pipeline_kind", "png_info",
+           "with_default_scheduler"]

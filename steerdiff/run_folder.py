@@ -74,14 +74,27 @@ def check_output_file(path: str | Path, what: str = "output", suffixes: tuple[st
     return path
 
 
-class RunFolderLock:
-    """An exclusive lock on ``<root>/.lock`` held by this process until :meth:`release` (or the process ends)."""
+def make_folder(path: Path, what: str = "output_dir") -> Path:
+    """Create ``path`` (and its parents); a path the system refuses is an error naming the field, not a bare errno."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunFolderError(f"{what} {str(path)!r} cannot be created: {err.strerror or err}") from None
+    return path
 
-    def __init__(self, root: Path):
+
+class RunFolderLock:
+    """An exclusive lock on ``<root>/.lock`` held by this process until :meth:`release` (or the process ends);
+    ``what`` is the config field that chose the folder, named when another process holds it."""
+
+    def __init__(self, root: Path, what: str = "output_dir"):
         import fcntl
 
         self.path = root / ".lock"
-        self._file = open(self.path, "a+")
+        try:
+            self._file = open(self.path, "a+")
+        except OSError as err:
+            raise RunFolderError(f"{what}: cannot write {str(self.path)!r} ({err.strerror or err})") from None
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -90,7 +103,7 @@ class RunFolderLock:
             self._file.close()
             raise RunFolderError(
                 f"run folder {str(root)!r} is in use by {holder}; wait for it to finish (a killed run releases it) "
-                "or choose another output_dir"
+                f"or choose another {what}"
             ) from None
         self._file.seek(0)
         self._file.truncate()
@@ -106,15 +119,16 @@ class RunFolderLock:
 
 
 def claim_run_folder(root: str | Path, config: Mapping, overwrite: bool = False, ignore: Iterable[str] = (),
-                     normalize=None) -> RunFolderLock:
+                     normalize=None, compared=None) -> RunFolderLock:
     """Lock ``root`` for this process and make it hold ``config`` (see the module docstring).
 
     With ``overwrite`` a folder of another config takes this one.  ``ignore``: config keys that do not change
     results (progress bars, the overwrite flag itself).  ``normalize``: maps the stored config to the current
     config format (defaults filled, shorthands expanded) before comparing, so that a folder written by an earlier
-    version of the same config is still recognised; a stored config it cannot read is compared as stored."""
-    root = check_writable_folder(root)
-    root.mkdir(parents=True, exist_ok=True)
+    version of the same config is still recognised; a stored config it cannot read is compared as stored.
+    ``compared``: maps both configs to the part that determines the folder's stored work (for the benchmark: all
+    but the metrics, so that a metric change rescores the stored samples instead of being refused)."""
+    root = make_folder(check_writable_folder(root))
     lock = RunFolderLock(root)
     try:
         path = root / "config.yaml"
@@ -128,7 +142,12 @@ def claim_run_folder(root: str | Path, config: Mapping, overwrite: bool = False,
                     old = normalize(old)
                 except ValueError:
                     pass
-            diff = ["<config.yaml unreadable>"] if not isinstance(old, Mapping) else config_differences(old, config, ignore)
+            if not isinstance(old, Mapping):
+                diff = ["<config.yaml unreadable>"]
+            elif compared is not None:
+                diff = config_differences(compared(old), compared(config), ignore)
+            else:
+                diff = config_differences(old, config, ignore)
             if diff and not overwrite:
                 raise RunFolderError(
                     f"run folder {str(root)!r} holds results of another config (differs in {', '.join(diff[:8])}"
@@ -143,4 +162,4 @@ def claim_run_folder(root: str | Path, config: Mapping, overwrite: bool = False,
 
 
 __all__ = ["RunFolderError", "RunFolderLock", "check_output_file", "check_writable_folder", "claim_run_folder",
-           "config_differences"]
+           "config_differences", "make_folder"]

@@ -180,10 +180,10 @@ def test_new_metrics_rescore_stored_samples_without_sampling(tmp_path, tiny_mode
 
     monkeypatch.setattr(runner_module, "generate_chunk", no_sampling)
     models = [{"model": str(tiny_model_dir), "metrics": ["divergence", "fd", "precision_recall", "class_accuracy"]}]
-    with pytest.raises(ValueError, match=r"holds results of another config \(differs in models"):
-        run_benchmark(_config(tmp_path, tiny_model_dir, models=models))  # a changed config is not taken silently
-    cfg2 = _config(tmp_path, tiny_model_dir, models=models, overwrite=True)
-    (second,) = run_benchmark(cfg2)
+    with pytest.raises(ValueError, match=r"holds results of another config \(differs in models"):  # samples differ
+        run_benchmark(_config(tmp_path, tiny_model_dir, models=[{"model": str(tiny_model_dir), "dtype": "float64"}]))
+    # metrics only: the samples do not depend on them, so the folder is resumed without overwrite and rescored
+    (second,) = run_benchmark(_config(tmp_path, tiny_model_dir, models=models))
     assert second["cell_id"] == first["cell_id"] and chunk.stat().st_mtime_ns == stamp
     assert second["metrics"]["magnitude_score"] == first["metrics"]["magnitude_score"]
     assert {"fd", "precision", "recall", "class_accuracy"} <= set(second["metrics"]) and second["metrics"]["fd"] > 0

@@ -42,7 +42,7 @@ def test_generate_writes_grid_from_local_folder(tmp_path, tiny_model_dir, capsys
         (["prompts=[a cat]"], "prompts: model"),
         (["image=x.png"], "image: model"),
         (["guidance.kwargs.scale=-1"], "guidance: Value error, scale must be a finite number >= 0, got -1"),
-        (["guidance_scale=3"], "unknown key 'guidance_scale'; allowed keys here: attention,"),
+        (["guidance_scale=3"], "guidance_scale: the guidance weight is guidance.kwargs.scale"),
         (["model=/no/such/folder"], "neither a built-in model"),
         (["stepsabc"], "must look like key=value"),
     ],

@@ -170,8 +170,13 @@ def test_a_rerun_reuses_the_batches_an_earlier_run_finished(folders, tmp_path, c
     assert main(args) == 0
     assert "reused 2 images" in capsys.readouterr().out
     assert all(np.array_equal(first[i], _pixels(tmp_path / "g" / f"{i:05d}.png")) for i in range(4))
-    assert main([*args[:-2], "steps=4", args[-1]]) == 0  # other settings: nothing is reused
+    capsys.readouterr()
+    assert main([*args[:-2], "steps=4", args[-1]]) == 2  # other settings into the same output: refused, kept
+    assert "holds another run's images (00000.png was made with other settings (differs in steps))" in capsys.readouterr().err
+    assert all(np.array_equal(first[i], _pixels(tmp_path / "g" / f"{i:05d}.png")) for i in range(4))
+    assert main([*args[:-2], "steps=4", args[-1], "overwrite=true"]) == 0  # replaced on request: nothing is reused
     assert "reused" not in capsys.readouterr().out
+    assert json.loads(Image.open(tmp_path / "g" / "00003.png").text["steerdiff"])["steps"] == 4
 
 
 def test_a_diffusers_class_conditional_pipeline_takes_classes_and_a_rule(tmp_path, capsys, one_thread):

@@ -210,7 +210,7 @@ def test_corrupt_image_in_restore_data_is_named(tmp_path, tiny_model_dir, capsys
     data.mkdir()
     Image.new("L", (8, 8)).save(data / "a.png")
     (data / "b.png").write_bytes(b"not a png")
-    assert main(["restore", "--config", "configs/restore/box.yaml", f"model={tiny_model_dir}", f"data.source={data}",
+    assert main(["restore", "--config", "configs/restore/box.yaml", f"model={tiny_model_dir}", f"data.source={data}", "data.num_images=2",
                  "metrics=[psnr]", f"output_dir={tmp_path / 'o'}"]) == 2
     assert f"image {str(data / 'b.png')!r} cannot be read" in capsys.readouterr().err
 

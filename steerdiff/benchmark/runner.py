@@ -188,6 +188,13 @@ def _prepare_text_model(cfg: BenchmarkConfig, where: str, spec: ModelSpec, kind,
     if bad:
         raise ConfigError(f"{where}: call_kwargs: {bad} are not arguments of {kind.name} the config may set "
                           f"(prompts, sizes, steps, guidance and seeds have their own fields)")
+    from ..pipelines.folder import check_components, check_image_size
+
+    try:
+        check_components(folder)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    check_image_size(kind.cls, folder, spec.height, spec.width, where=f"{where}: ")
     try:
         prompts = resolve_prompts(spec.prompts, spec.negative_prompts)
         pipe = load_any_pipeline(spec.model, kind.cls, folder, device, torch_dtype(spec.dtype))
@@ -216,6 +223,13 @@ def prepare(cfg: BenchmarkConfig, device: torch.device) -> list[CellPlan]:
                 sched = make_scheduler(sspec.name, m.pipe.scheduler.config, **sspec.kwargs)
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"schedulers[{j}] ({sspec.name!r}) for model {m.spec.display!r}: {err}") from None
+            if m.is_text:
+                from ..pipelines.folder import passes_own_sigmas, takes_sigmas
+
+                if passes_own_sigmas(m.kind.cls) and not takes_sigmas(sched):
+                    raise ConfigError(f"schedulers[{j}] ({sspec.name!r}) for model {m.spec.display!r}: {m.kind.name} "
+                                      f"passes its own sigmas to set_timesteps, which {type(sched).__name__} cannot take; "
+                                      "use a steerdiff scheduler (dpmpp_2m_hb with beta=1 is DPM-Solver++ 2M) or flow_euler")
             schedulers[m.spec.display, sspec.display] = sched
             for nfe in cfg.nfe:
                 steps[m.spec.display, sspec.display, nfe] = steps_for_nfe(sched, nfe)
@@ -402,8 +416,8 @@ def run_benchmark(cfg: BenchmarkConfig, shard: Shard | None = None) -> list[dict
     plans = prepare(cfg, device)
     # the config is valid: one process per folder, one config per folder, checked (and locked) before any sampling
     current = lambda stored: BenchmarkConfig.model_validate(stored).model_dump()  # noqa: E731 (older formats)
-    lock = (claim_run_folder(folder.root, cfg.model_dump(), cfg.overwrite, ignore=RESULT_NEUTRAL_KEYS, normalize=current)
-            if shard.is_main else None)
+    lock = (claim_run_folder(folder.root, cfg.model_dump(), cfg.overwrite, ignore=RESULT_NEUTRAL_KEYS, normalize=current,
+                             compared=sampling_config) if shard.is_main else None)
     try:
         return _run(cfg, shard, device, folder, plans)
     finally:
@@ -412,6 +426,16 @@ def run_benchmark(cfg: BenchmarkConfig, shard: Shard | None = None) -> list[dict
 
 
 RESULT_NEUTRAL_KEYS = ("overwrite", "progress", "report", "keep_samples", "cache_dir")  # they change no result
+
+
+def sampling_config(config: dict) -> dict:
+    """A benchmark config without its metrics (top-level and per model): the samples do not depend on them, so a
+    folder whose config differs only there is resumed; its cells keep their samples and are rescored (each cell's
+    record stores the metrics key it was scored with)."""
+    out = {k: v for k, v in config.items() if k != "metrics"}
+    if isinstance(out.get("models"), list):
+        out["models"] = [{k: v for k, v in m.items() if k != "metrics"} if isinstance(m, dict) else m for m in out["models"]]
+    return out
 
 
 def _run(cfg: BenchmarkConfig, shard: Shard, device, folder: RunFolder, plans: list[CellPlan]) -> list[dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 DESCRIPTION = (
@@ -43,8 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _QuietTorchvisionFallback(logging.Filter):
+    """Drops transformers' notice that an image processor (a pipeline's feature extractor) falls back to its PIL
+    version without torchvision: steerdiff installs no torchvision and the PIL version is the one it means to use,
+    so the notice, printed on every text-pipeline run, tells a user nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    notices = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _QuietTorchvisionFallback) for f in notices.filters):
+        notices.addFilter(_QuietTorchvisionFallback())
     from ..config import ConfigError
 
     command = importlib.import_module(f".{args.command}", __package__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from ..generate import GenerateConfig, generate, images_folder, load_generate_config
+from ..generate import GenerateConfig, generate, images_folder, load_generate_config, with_default_scheduler
 
 
 def config_from_args(args) -> GenerateConfig:
@@ -16,7 +16,7 @@ def config_from_args(args) -> GenerateConfig:
 
 
 def main(args) -> int:
-    cfg = config_from_args(args)
+    cfg = with_default_scheduler(config_from_args(args))  # the scheduler that runs, for the summary below
     start = time.perf_counter()
     out, images = generate(cfg)
     guidance = "pipeline default" if cfg.guidance is None else cfg.guidance.display

@@ -159,6 +159,18 @@ def slug(text: str) -> str:
 
 
 # -- data and operators ----------------------------------------------------------------------------------------------
+def _num_images(spec: DataSpec, available: int, source: str, hint: str = "") -> int:
+    """How many images to restore: ``num_images`` when the source has them.  More than it has is an error when the
+    config asked for them; the default (200) on a smaller source uses all of them and says so."""
+    if spec.num_images <= available:
+        return spec.num_images
+    if "num_images" in spec.model_fields_set:
+        raise ValueError(f"data.num_images: {source} has {available} images, asked for {spec.num_images}; use at most "
+                         f"{available}{hint}")
+    print(f"data.num_images: {source} has {available} images (fewer than the default {spec.num_images}); restoring all {available}")
+    return available
+
+
 def load_images(spec: DataSpec, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(N, C, H, W) images in [-1, 1] and their labels (None for a folder)."""
     if spec.source == "digits":
@@ -167,13 +179,16 @@ def load_images(spec: DataSpec, shape: tuple[int, ...]) -> tuple[torch.Tensor, t
         images, labels = load_digits_data(spec.split)
         if tuple(images.shape[1:]) != shape:
             raise ValueError(f"the digits are {tuple(images.shape[1:])} images; the model expects {shape}")
-        return images[: spec.num_images].to(torch.float32), labels[: spec.num_images]
+        n = _num_images(spec, len(images), f"the digits' {spec.split} split",
+                        " (split: all has 1797)" if spec.split != "all" else "")
+        return images[:n].to(torch.float32), labels[:n]
     folder = Path(spec.source).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"data.source {spec.source!r} is neither 'digits' nor an existing folder of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[: spec.num_images]
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {str(folder)!r}")
+    files = files[: _num_images(spec, len(files), repr(str(folder)))]
     c, h, w = shape
     out = []
     for f in files:

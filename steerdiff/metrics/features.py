@@ -149,26 +149,66 @@ def reference_id(dataset: str) -> str:
     return f"{path.stem}-{file_digest(str(path))}" if path.is_file() else str(path)
 
 
-def load_image_folder(path: Path) -> torch.Tensor:
-    """(N, 3, H, W) in [-1, 1]: every image file of a folder (RGB), which must all have one size."""
-    from PIL import Image
+def scan_image_folder(path: Path) -> list[Path]:
+    """The image files of a reference folder, after reading every file's header: the folder holds images, each
+    readable, all of one size (errors name the folder and the file)."""
+    from PIL import Image, UnidentifiedImageError
 
     files = _folder_images(path)
     if not files:
         raise ValueError(f"reference folder {str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    arrays, first = [], None
+    first = None
     for f in files:
-        with Image.open(f) as im:
-            if first is None:
-                first = (f.name, im.size)
-            elif im.size != first[1]:
-                raise ValueError(
-                    f"reference folder {str(path)!r}: {first[0]} is {first[1][0]}x{first[1][1]} but {f.name} is "
-                    f"{im.size[0]}x{im.size[1]}; the images must share one size (resize them once, e.g. to your samples' size)"
-                )
-            arrays.append(np.asarray(im.convert("RGB"), dtype=np.float32))
+        try:
+            with Image.open(f) as im:
+                size = im.size
+        except (OSError, UnidentifiedImageError) as err:
+            raise ValueError(f"reference folder {str(path)!r}: {f.name} is not a readable image ({err})") from None
+        if first is None:
+            first = (f.name, size)
+        elif size != first[1]:
+            raise ValueError(
+                f"reference folder {str(path)!r}: {first[0]} is {first[1][0]}x{first[1][1]} but {f.name} is "
+                f"{size[0]}x{size[1]}; the images must share one size (resize them once, e.g. to your samples' size)"
+            )
+    return files
+
+
+def load_image_folder(path: Path) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1]: every image file of a folder (RGB), which must all have one size."""
+    from PIL import Image
+
+    arrays = []
+    for f in scan_image_folder(path):
+        try:
+            with Image.open(f) as im:
+                arrays.append(np.asarray(im.convert("RGB"), dtype=np.float32))
+        except OSError as err:  # a header that reads but pixels that do not (a truncated file)
+            raise ValueError(f"reference folder {str(path)!r}: {f.name} is not a readable image ({err})") from None
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return x / 127.5 - 1
+
+
+def check_reference(dataset: str) -> None:
+    """A reference data set is usable, checked before any sampling: a built-in name, a ``.npy`` file of
+    (N, C, H, W) images, or a folder of readable images of one size."""
+    if dataset in REFERENCE_DATASETS:
+        return
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        scan_image_folder(path)
+        return
+    if path.suffix != ".npy" or not path.is_file():
+        raise ValueError(
+            f"reference {dataset!r} must be a built-in data set {REFERENCE_DATASETS}, an existing .npy file of "
+            "(N, C, H, W) images in [-1, 1] or a folder of images"
+        )
+    try:
+        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+    except (OSError, ValueError) as err:
+        raise ValueError(f"reference file {str(path)!r} cannot be read as a .npy array ({err})") from None
+    if len(shape) != 4:
+        raise ValueError(f"reference file {str(path)!r} must hold (N, C, H, W) images, got shape {tuple(shape)}")
 
 
 def reference_images(dataset: str) -> tuple[torch.Tensor, str]:
@@ -180,15 +220,8 @@ def reference_images(dataset: str) -> tuple[torch.Tensor, str]:
     path = Path(dataset).expanduser()
     if path.is_dir():
         return load_image_folder(path), reference_id(dataset)
-    if path.suffix != ".npy" or not path.is_file():
-        raise ValueError(
-            f"reference {dataset!r} must be a built-in data set {REFERENCE_DATASETS}, an existing .npy file of "
-            "(N, C, H, W) images in [-1, 1] or a folder of images"
-        )
-    images = torch.from_numpy(np.load(path, allow_pickle=False)).float()
-    if images.ndim != 4:
-        raise ValueError(f"reference file {str(path)!r} must hold (N, C, H, W) images, got shape {tuple(images.shape)}")
-    return images, reference_id(dataset)
+    check_reference(dataset)
+    return torch.from_numpy(np.load(path, allow_pickle=False)).float(), reference_id(dataset)
 
 
 def reference_features(space: FeatureSpace, dataset: str = "digits", cache_dir: str | Path | None = None) -> torch.Tensor:
@@ -223,6 +256,7 @@ class FeatureMetric(Metric):
 
     def check(self, sample_shape, denoiser=None) -> None:
         self.space.check(sample_shape)
+        check_reference(self.reference)
 
     def features(self, samples: SampleSet) -> tuple[torch.Tensor, torch.Tensor]:
         """(reference features, sample features), float64."""

@@ -6,7 +6,7 @@ the class's signature so that a misspelt option is an error rather than silently
 
 The noise process is kept too.  From a flow-matching config (FlowMatchEulerDiscreteScheduler's), steerdiff's
 schedulers integrate the flow ODE (they read it themselves), diffusers' flow classes are built as usual, and
-diffusers' multistep solvers that have a flow mode (DPM-Solver, UniPC, DEIS, SA-Solver) are built in it:
+diffusers' multistep solvers that have a flow mode (DPM-Solver, UniPC) are built in it:
 ``use_flow_sigmas=True``, ``flow_shift`` = the config's shift (or dynamic shifting), ``prediction_type=
 "flow_prediction"``.  Any other diffusers class would silently run VP dynamics on a flow model, and a flow-only
 class on a VP model: both are ValueErrors naming the classes that fit.
@@ -14,6 +14,7 @@ class on a VP model: both are ValueErrors naming the classes that fit.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -45,6 +46,7 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+@functools.cache
 def _steerdiff_schedulers() -> dict[str, type]:
     from .. import samplers
 
@@ -55,6 +57,7 @@ def _steerdiff_schedulers() -> dict[str, type]:
     }
 
 
+@functools.cache
 def _diffusers_schedulers() -> dict[str, type]:
     return {
         name: getattr(diffusers, name)
@@ -62,6 +65,21 @@ def _diffusers_schedulers() -> dict[str, type]:
         if name.endswith("Scheduler") and inspect.isclass(getattr(diffusers, name, None))
         and issubclass(getattr(diffusers, name), SchedulerMixin)
     }
+
+
+class StaticShiftDPMSolverMultistepScheduler(diffusers.DPMSolverMultistepScheduler):
+    """diffusers' DPM-Solver in flow mode with a static shift: ``set_timesteps`` ignores ``mu`` (module docstring).
+    Its config is DPMSolverMultistepScheduler's, under that class name."""
+
+    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None):
+        if not self.config.get("use_dynamic_shifting"):
+            mu = None
+        return super().set_timesteps(num_inference_steps, device=device, mu=mu, timesteps=timesteps)
+
+
+StaticShiftDPMSolverMultistepScheduler.__name__ = "DPMSolverMultistepScheduler"  # the name its config is saved under
+FLOW_MODE_BROKEN = {name: "its flow mode never reaches s = 0 (the last noise level repeats, the samples keep noise)"
+                    for name in ("DEISMultistepScheduler", "SASolverScheduler")}
 
 
 def available_schedulers() -> list[str]:
@@ -124,14 +142,24 @@ def make_scheduler(name: str, base_config: Any = None, **kwargs: Any) -> Schedul
             f"{cls.__name__} integrates VP schedules only, but the model's scheduler config is flow matching "
             f"({source.get('_class_name', 'flow keys')}); use a steerdiff scheduler (plms_hb, dpmpp_2m_hb, dpmpp_3m_hb, unipc_hb, ghvb), "
             "FlowMatchEulerDiscreteScheduler / FlowMatchHeunDiscreteScheduler, or DPMSolverMultistepScheduler / "
-            "UniPCMultistepScheduler / DEISMultistepScheduler (built in their flow mode)"
+            "UniPCMultistepScheduler (built in their flow mode)"
         )
     if family == "vp" and target == "flow":
         raise ValueError(
             f"{cls.__name__} is a flow-matching scheduler, but the model's scheduler config is variance preserving"
         )
+    if family == "flow" and cls.__name__ in FLOW_MODE_BROKEN:
+        raise ValueError(
+            f"{cls.__name__} cannot sample flow-matching models in diffusers {diffusers.__version__}: "
+            f"{FLOW_MODE_BROKEN[cls.__name__]}; use dpmpp_2m, dpmpp_3m, unipc, flow_euler, or steerdiff's plms_hb, "
+            "dpmpp_2m_hb, dpmpp_3m_hb, unipc_hb, ghvb"
+        )
     extra = _flow_mode(cls, source, kwargs) if family == "flow" else {}
-    return cls.from_config(base_config, **{**preset, **extra, **kwargs})
+    settings = {**preset, **extra, **kwargs}
+    if cls is diffusers.DPMSolverMultistepScheduler and settings.get("use_flow_sigmas") and not settings.get(
+            "use_dynamic_shifting", source.get("use_dynamic_shifting")):
+        cls = StaticShiftDPMSolverMultistepScheduler
+    return cls.from_config(base_config, **settings)
 
 
 def lay_out(scheduler, steps: int, device=None) -> None:
