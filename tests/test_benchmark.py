@@ -196,7 +196,7 @@ def test_new_metrics_rescore_stored_samples_without_sampling(tmp_path, tiny_mode
     [
         ("schedulers=[dpm_fast]", "schedulers[0] ('dpm_fast') for model 'tiny': unknown scheduler 'dpm_fast'; available:"),
         ("schedulers=[{name: ddim, kwargs: {etaa: 1}}]", "has no option(s) ['etaa']"),
-        ("models=[{model: MODEL, metrics: [fdd]}]", "metrics[0] ('fdd'): unknown metric 'fdd'; available: class_accuracy, clip_score, divergence, fd, fid,"),
+        ("models=[{model: MODEL, metrics: [fdd]}]", "metrics[0] ('fdd'): unknown metric 'fdd'; available: class_accuracy, clip_score, divergence, fd, fd_dinov2, fid,"),
         ("models=[{model: MODEL, metrics: [{name: precision_recall, kwargs: {kk: 3}}]}]", "feature space 'digits' has no option(s) ['kk']"),
         ("models=[{model: MODEL, metrics: [{name: fid, kwargs: {weights: /no/inception.safetensors}}]}]",
          "Inception weights file '/no/inception.safetensors' does not exist"),

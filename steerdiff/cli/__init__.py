@@ -12,8 +12,9 @@ import logging
 import sys
 
 DESCRIPTION = (
-    "steerdiff: diffusion samplers and guidance methods for diffusers pipelines. Each sub-command reads a YAML "
-    "config (--config) and key=value overrides; --print-config shows the full config it would run."
+    "steerdiff: diffusion samplers and guidance methods for diffusers pipelines. generate, benchmark, restore and "
+    "optimize read a YAML config (--config) and key=value overrides (--print-config shows the full config they would "
+    "run); fid takes pytorch-fid's options."
 )
 
 # name -> (help, --config help, whether --config is required, override example)
@@ -33,6 +34,8 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import fid  # its own options (pytorch-fid's shape, no config); the module imports nothing heavy
+
     parser = argparse.ArgumentParser(prog="steerdiff", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, config_help, required, example) in SUBCOMMANDS.items():
@@ -41,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--print-config", action="store_true",
                        help="print the full config (defaults, the file and the overrides merged) as YAML and exit")
         p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    fid.add_arguments(sub.add_parser("fid", help=fid.HELP, description=fid.HELP))
     return parser
 
 
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = importlib.import_module(f".{args.command}", __package__)
     try:
-        if args.print_config:
+        if getattr(args, "print_config", False):
             import yaml
 
             print(yaml.safe_dump(command.config_from_args(args).model_dump(), sort_keys=False), end="")

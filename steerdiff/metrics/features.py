@@ -3,7 +3,12 @@
 - ``digits``: the penultimate layer (64-d) of the shipped digits classifier
   (:func:`steerdiff.metrics.classifier.digits_features`), for 1x8x8 images;
 - ``inception``: the 2048-d pool3 features of the FID Inception-v3 (:mod:`steerdiff.metrics.inception`),
-  from a weights file the user supplies (nothing is downloaded).
+  from a weights file the user supplies (nothing is downloaded);
+- ``dinov2`` / ``clip``: DINOv2's CLS token (FD-DINOv2) and CLIP's image embedding (CLIP-FD), from local
+  transformers folders.
+
+The three network spaces resize and normalise 8-bit images as a preprocessing mode says
+(:mod:`steerdiff.metrics.preprocessing`: pytorch-fid's by default, clean-fid's or torch-fidelity's).
 
 Images are quantized like the field does before features are taken: u8 = round((x + 1) * 127.5) clipped to
 [0, 255].  Reference features of a data set are computed once and cached in ``cache_dir`` (default
@@ -15,6 +20,7 @@ stale statistics.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -85,13 +91,92 @@ class DigitsFeatures(FeatureSpace):
         return digits_features(images)
 
 
-class InceptionFeatures(FeatureSpace):
-    """pool3 features of the FID Inception-v3 loaded from ``weights`` (see :mod:`steerdiff.metrics.inception`)."""
+class NetworkFeatures(FeatureSpace):
+    """A feature network fed 8-bit RGB images: resized to its input size as the preprocessing ``mode`` does
+    (:mod:`steerdiff.metrics.preprocessing`), normalised as the network expects, run in batches on ``device`` in
+    ``dtype`` (float32 by default; float16 / bfloat16 where asked), features returned as float64 on the CPU.  The
+    folder tool (``steerdiff fid``) and the benchmark metrics both take features through :meth:`features_of_resized`."""
+
+    input_size: int
+
+    def __init__(self, batch_size: int = 50, device: str | None = None, mode: str = "pytorch-fid",
+                 dtype: str = "float32"):
+        from ..config import DTYPE_NAMES
+        from .preprocessing import check_mode
+
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+        self.batch_size = int(batch_size)
+        self.device = device
+        self.mode = check_mode(mode).name
+        self.dtype = dtype
+        self._model = None
+
+    @property
+    def resolution(self) -> int:
+        return self.input_size
+
+    def check(self, sample_shape) -> None:
+        if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
+            raise ValueError(f"{self.name} features need 1- or 3-channel images (C, H, W); got samples of shape "
+                             f"{tuple(sample_shape)}")
+
+    def _suffix(self) -> str:
+        return "" if self.mode == "pytorch-fid" and self.dtype == "float32" else f"-{self.mode}-{self.dtype}"
+
+    def load(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, model, x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    def model(self):
+        from ..config import torch_dtype
+
+        if self._model is None:
+            self._model = self.load().to(self.device or "cpu", torch_dtype(self.dtype)).eval().requires_grad_(False)
+        return self._model
+
+    @torch.no_grad()
+    def features_of_resized(self, x: torch.Tensor) -> torch.Tensor:
+        """Features (float64 (N, d), CPU) of images already resized by the mode (``resize_for_network``)."""
+        model = self.model()
+        param = next(model.parameters())
+        out = self.forward(model, self.normalize(x.to(param.device, torch.float32)).to(param.dtype))
+        return out.to("cpu", torch.float64)
+
+    def features_of_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of (N, 1 or 3, H, W) uint8 images, in batches of ``batch_size``."""
+        from .preprocessing import resize_for_network
+
+        images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        out = [self.features_of_resized(resize_for_network(images[i : i + self.batch_size], self.input_size, self.mode))
+               for i in range(0, images.shape[0], self.batch_size)]
+        return torch.cat(out) if out else torch.empty(0, 0, dtype=torch.float64)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        from .classifier import quantize
+
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+        return self.features_of_uint8(quantize(images))
+
+
+class InceptionFeatures(NetworkFeatures):
+    """pool3 features of the FID Inception-v3 loaded from ``weights`` (see :mod:`steerdiff.metrics.inception`);
+    input 2x - 1 of [0, 1] images (pytorch-fid), or (x - 128) / 128 of [0, 255] ones (clean-fid, torch-fidelity)."""
 
     name = "inception"
-    resolution = 299
+    input_size = 299
+    feature_dim = 2048
 
-    def __init__(self, weights: str | None = None, allow_pickle: bool = False, batch_size: int = 50, device: str | None = None):
+    def __init__(self, weights: str | None = None, allow_pickle: bool = False, batch_size: int = 50, device: str | None = None,
+                 mode: str = "pytorch-fid", dtype: str = "float32"):
         from .inception import check_weights_file
 
         if weights is None:
@@ -99,30 +184,111 @@ class InceptionFeatures(FeatureSpace):
                 "the inception feature space needs `weights`: a local copy of pt_inception-2015-12-05-6726825d.pth "
                 "(pytorch-fid's FID Inception weights; nothing is downloaded), preferably converted to safetensors"
             )
+        super().__init__(batch_size, device, mode, dtype)
         self.weights = check_weights_file(weights, allow_pickle)
         self.allow_pickle = bool(allow_pickle)
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size = int(batch_size)
-        self.device = device
-        self._model = None
 
     def key(self) -> str:
-        return f"inception-{file_digest(str(self.weights))}"
+        return f"inception-{file_digest(str(self.weights))}{self._suffix()}"
 
-    def check(self, sample_shape) -> None:
-        if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
-            raise ValueError(f"Inception features need 1- or 3-channel images (C, H, W); got samples of shape {tuple(sample_shape)}")
+    def load(self):
+        from .inception import load_fid_inception
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        from .inception import inception_features, load_fid_inception
+        return load_fid_inception(self.weights, allow_pickle=self.allow_pickle)
 
-        if self._model is None:
-            self._model = load_fid_inception(self.weights, allow_pickle=self.allow_pickle, device=self.device)
-        return inception_features(images, self._model, batch_size=self.batch_size)
+    def normalize(self, x):
+        return 2 * x - 1 if self.mode == "pytorch-fid" else (x - 128) / 128
 
 
-FEATURE_SPACES = {"digits": DigitsFeatures, "inception": InceptionFeatures}
+class _TransformersFeatures(NetworkFeatures):
+    """A vision network from a local transformers folder (safetensors only), ImageNet-style normalisation."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_size = 224
+
+    def __init__(self, model: str | None = None, batch_size: int = 50, device: str | None = None, mode: str = "pytorch-fid",
+                 dtype: str = "float32"):
+        from ..weights import check_safetensors_folder
+
+        if model is None:
+            raise ValueError(f"the {self.name} feature space needs `model`: a local transformers folder of the network "
+                             "(saved with save_pretrained; nothing is downloaded)")
+        super().__init__(batch_size, device, mode, dtype)
+        self.folder = Path(model).expanduser()
+        check_safetensors_folder(self.folder)
+        self.config = json.loads((self.folder / "config.json").read_text())
+
+    def key(self) -> str:
+        digests = "-".join(file_digest(str(p)) for p in sorted(self.folder.glob("*.safetensors")))
+        return f"{self.name}-{digests}{self._suffix()}"
+
+    def normalize(self, x):
+        from .preprocessing import MODES
+
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x / MODES[self.mode].scale - mean) / std
+
+
+class DINOv2Features(_TransformersFeatures):
+    """DINOv2's CLS token after the final layer norm (``Dinov2Model(...).pooler_output``), the FD-DINOv2 space
+    (Stein et al. 2023), from a local transformers DINOv2 folder; 224x224 input, ImageNet mean / std."""
+
+    name = "dinov2"
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.config["hidden_size"])
+
+    def load(self):
+        from transformers import Dinov2Model
+
+        return Dinov2Model.from_pretrained(self.folder, local_files_only=True, use_safetensors=True)
+
+    def forward(self, model, x):
+        return model(pixel_values=x).pooler_output
+
+
+class CLIPFeatures(_TransformersFeatures):
+    """CLIP's projected image embedding (``CLIPModel.get_image_features``), the CLIP-FD space, from a local
+    transformers CLIP folder (the one ``clip_score`` reads); 224x224 input, CLIP's mean / std."""
+
+    name = "clip"
+
+    def __init__(self, model: str | None = None, **options):
+        super().__init__(model, **options)
+        if self.config.get("model_type") != "clip":
+            raise ValueError(f"clip features: {str(self.folder)!r} holds a {self.config.get('model_type')!r} model, "
+                             "not CLIPModel")
+        self.input_size = int(self.config.get("vision_config", {}).get("image_size", 224))  # the network's own size
+        self.feature_dim = int(self.config.get("projection_dim", 512))
+
+    @property
+    def mean(self):
+        from .clip_score import OPENAI_CLIP_MEAN
+
+        return OPENAI_CLIP_MEAN
+
+    @property
+    def std(self):
+        from .clip_score import OPENAI_CLIP_STD
+
+        return OPENAI_CLIP_STD
+
+    def load(self):
+        from transformers import CLIPModel
+
+        return CLIPModel.from_pretrained(self.folder, local_files_only=True, use_safetensors=True)
+
+    def forward(self, model, x):
+        from .clip_score import _features
+
+        return _features(model.get_image_features(pixel_values=x))
+
+
+FEATURE_SPACES = {"digits": DigitsFeatures, "inception": InceptionFeatures, "dinov2": DINOv2Features, "clip": CLIPFeatures}
 
 
 def make_feature_space(name: str = "digits", **kwargs) -> FeatureSpace:

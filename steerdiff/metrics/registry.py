@@ -5,6 +5,8 @@ name               reports                                          applies to
 =================  ==============================================  =====================================
 fd                 fd (digits feature space vs the digits set)      1x8x8 image models
 fid                fid (Inception pool3; ``weights`` required)      1- or 3-channel image models
+kid                kid, kid_std (unbiased KID; ``weights``)          as fid
+fd_dinov2          fd_dinov2 (DINOv2 CLS token; ``model`` folder)   as fid
 precision_recall   precision, recall (k = 3)                        as fd (or ``features: inception``)
 divergence         magnitude_score, out_of_range                    any (C, H, W) model
 class_accuracy     class_accuracy (digits classifier)               1x8x8 class-conditional models
@@ -22,7 +24,7 @@ from .accuracy import ClassAccuracy
 from .base import Metric
 from .clip_score import CLIPScore
 from .divergence import Divergence
-from .fd import FrechetDistance, InceptionFID
+from .fd import DINOv2FD, FrechetDistance, InceptionFID, KernelInceptionDistance
 from .likelihood import MixtureLogLikelihood
 from .precision_recall import PrecisionRecall
 from .reference_error import ReferenceL2
@@ -30,7 +32,7 @@ from .saturation import Saturation
 
 METRICS: dict[str, type[Metric]] = {
     cls.name: cls
-    for cls in (FrechetDistance, InceptionFID, PrecisionRecall, Divergence, ClassAccuracy, ReferenceL2, MixtureLogLikelihood,
+    for cls in (FrechetDistance, InceptionFID, KernelInceptionDistance, DINOv2FD, PrecisionRecall, Divergence, ClassAccuracy, ReferenceL2, MixtureLogLikelihood,
                 CLIPScore, Saturation)
 }
 
