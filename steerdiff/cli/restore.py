@@ -69,10 +69,20 @@ class OperatorSpec(StrictModel):
 
 
 class MethodSpec(StrictModel):
-    name: Literal["mcg", "dps", "projection", "unconditional"]
+    name: Literal["mcg", "dps", "dds", "projection", "unconditional"]
     step_size: float = Field(1.0, ge=0)  # mcg / dps
     step_size_rule: Literal["norm", "residual", "constant"] = "norm"  # mcg / dps
+    cg_steps: int | None = Field(None, ge=0)  # dds (default 5)
+    eta: float | None = Field(None, ge=0, le=1)  # dds (default 0.85)
+    gamma: float | None = Field(None, gt=0)  # dds, noisy measurements (default 1)
     label: str | None = None  # name in tables and files; default e.g. "dps 0.5"
+
+    @model_validator(mode="after")
+    def _dds_options(self) -> "MethodSpec":
+        given = [k for k in ("cg_steps", "eta", "gamma") if getattr(self, k) is not None]
+        if given and self.name != "dds":
+            raise ValueError(f"{', '.join(given)}: options of dds, not of {self.name}")
+        return self
 
     @property
     def display(self) -> str:
@@ -83,6 +93,8 @@ class MethodSpec(StrictModel):
     def build(self) -> RestorationMethod:
         if self.name in ("mcg", "dps"):
             return make_method(self.name, step_size=self.step_size, step_size_rule=self.step_size_rule)
+        if self.name == "dds":
+            return make_method("dds", **{k: getattr(self, k) for k in ("cg_steps", "eta", "gamma") if getattr(self, k) is not None})
         return make_method(self.name)
 
 
@@ -139,6 +151,10 @@ class RestoreConfig(StrictModel):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ValueError(f"{what} names must be unique; repeated: {dup} (set a distinct name/label)")
+        own_step = sorted({m.name for t in self.tasks for m in self.task_methods(t) if m.name == "dds"})
+        if own_step and self.sampler.name != "ancestral":
+            raise ValueError(f"methods {own_step} take their own DDIM step on the ancestral sampler; set sampler.name: "
+                             f"ancestral (got {self.sampler.name!r})")
         if self.guidance_scale != 1.0 and not self.use_labels:
             raise ValueError("guidance_scale != 1 needs use_labels: true (guidance towards the true class)")
         if self.guidance is not None:
@@ -292,7 +308,7 @@ def fingerprint(cfg: RestoreConfig, task: TaskSpec, method: MethodSpec) -> str:
     keys = cfg.model_dump(include={"model", "data", "sampler", "use_labels", "guidance_scale", "seed", "dtype"})
     if cfg.guidance is not None:  # absent otherwise, so that the cells of earlier runs keep their fingerprints
         keys.update(guidance=cfg.guidance.model_dump(exclude={"label"}, exclude_none=True))
-    keys.update(method=method.model_dump(exclude={"label"}))
+    keys.update(method=method.model_dump(exclude={"label"}, exclude_none=True))  # unset dds options: as before them
     if method.name != "unconditional":
         keys.update(task=task.model_dump(exclude={"name", "methods"}))
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]

@@ -6,7 +6,7 @@ Weight convention (diffusers'): g = u + w (c - u); w = 1 is conditional only.  R
 :class:`MagnitudeAwareGuidance`; with perturbed predictions (:mod:`.perturbations`): :class:`PAG`, :class:`SEG`,
 :class:`SLG`, :class:`AutoGuidance`; wrappers: :class:`GuidanceInterval`,
 :class:`AdaptiveGuidance`, :class:`LinearAG`; weight schedules of the noise level usable as any rule's
-``scale``.  For inverse problems, :class:`MCG` and :class:`DPS` (:mod:`.manifold`) with the measurement
+``scale``.  For inverse problems, :class:`MCG` and :class:`DPS` (:mod:`.manifold`), :class:`DDS` (:mod:`.dds`) with the measurement
 operators of :mod:`.operators`.  Use the guidance rules in a diffusers pipeline with :func:`steerdiff.pipelines.guide`, in a modular pipeline with
 :class:`steerdiff.pipelines.modular.RuleGuider` (also ``steerdiff.guidance.RuleGuider``), or by name with
 :func:`get_rule`.
@@ -23,7 +23,8 @@ from .magnitude import MagnitudeAwareGuidance
 from .perturbations import AttentionIdentity, Perturbation, QueryBlur, SkipLayers, WeakModel
 from .perturbed import PAG, SEG, SLG, PerturbedGuidance
 from .tcfg import TCFG
-from .manifold import DPS, MCG, ProjectionOnly, Unconditional  # inverse problems
+from .dds import DDS  # inverse problems
+from .manifold import DPS, MCG, ProjectionOnly, Unconditional
 from .registry import RULES, get_rule, get_schedule
 from .schedules import (
     SCHEDULES,
@@ -48,7 +49,7 @@ __all__ = [
 ]
 __all__ += ["APGMix", "AutoGuidance", "FDG", "MagnitudeAwareGuidance", "PAG", "PerturbedGuidance", "SEG", "SLG", "TCFG"]
 __all__ += ["AttentionIdentity", "Perturbation", "QueryBlur", "SkipLayers", "WeakModel"]  # perturbed predictions
-__all__ += ["DPS", "MCG", "ProjectionOnly", "Unconditional"]  # inverse problems
+__all__ += ["DDS", "DPS", "MCG", "ProjectionOnly", "Unconditional"]  # inverse problems
 __all__ += ["RuleGuider", "modular"]
 
 

@@ -87,11 +87,14 @@ class RestorationMethod:
     """What a restoration sampler does after each unconditional step.
 
     ``uses_gradient``: needs the residual with a graph back to x_i (one extra backward pass per step);
-    ``uses_projection``: needs the operator's projection and the measurement noised to the next level.
+    ``uses_projection``: needs the operator's projection and the measurement noised to the next level;
+    ``takes_own_step``: replaces the sampler's step by its own ``step(x, x0_hat, alpha, sigma, alpha_next,
+    sigma_next, noise, y, operator, sigma_y)`` (DDS; the ancestral sampler only).
     """
 
     uses_gradient = False
     uses_projection = False
+    takes_own_step = False
     name = "unconditional"
 
     def check_operator(self, operator: LinearOperator) -> None:
@@ -167,22 +170,21 @@ class Unconditional(RestorationMethod):
     """Plain sampling that ignores the measurement (the lower baseline)."""
 
 
-RESTORATION_METHODS: dict[str, type[RestorationMethod]] = {
-    "mcg": MCG,
-    "dps": DPS,
-    "projection": ProjectionOnly,
-    "unconditional": Unconditional,
-}
+def _methods() -> dict[str, type[RestorationMethod]]:
+    from .dds import DDS  # dds builds on this module
+
+    return {"mcg": MCG, "dps": DPS, "dds": DDS, "projection": ProjectionOnly, "unconditional": Unconditional}
 
 
 def make_method(name: str, **kwargs) -> RestorationMethod:
-    """A restoration method by name (``mcg``, ``dps``, ``projection``, ``unconditional``) with its options."""
-    if name not in RESTORATION_METHODS:
-        raise ValueError(f"unknown restoration method {name!r}; available: {sorted(RESTORATION_METHODS)}")
-    return RESTORATION_METHODS[name](**kwargs)
+    """A restoration method by name (``mcg``, ``dps``, ``dds``, ``projection``, ``unconditional``) with its options."""
+    methods = _methods()
+    if name not in methods:
+        raise ValueError(f"unknown restoration method {name!r}; available: {sorted(methods)}")
+    return methods[name](**kwargs)
 
 
 __all__ = [
-    "DPS", "MCG", "RESTORATION_METHODS", "STEP_SIZE_RULES", "ManifoldGradient", "ProjectionOnly", "RestorationMethod", "Unconditional",
+    "DPS", "MCG", "STEP_SIZE_RULES", "ManifoldGradient", "ProjectionOnly", "RestorationMethod", "Unconditional",
     "gradient_step", "make_method", "manifold_gradient", "step_coefficients",
 ]

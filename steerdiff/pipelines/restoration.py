@@ -1,4 +1,4 @@
-"""A diffusers pipeline that restores x from a measurement y = A x + n with MCG, DPS or projections.
+"""A diffusers pipeline that restores x from a measurement y = A x + n with MCG, DPS, DDS or projections.
 
     pipe = RestorationPipeline(unet, scheduler, method=DPS(step_size=1.0))
     out = pipe(y, operator=Inpainting(box_mask((8, 8))), sigma_y=0.05, num_inference_steps=200,
@@ -187,6 +187,8 @@ class RestorationPipeline(DiffusionPipeline):
         method.check_operator(operator)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if method.takes_own_step and sampler != "ancestral":
+            raise ValueError(f"{type(method).__name__} takes its own DDIM step; use sampler='ancestral'")
         check_call_arguments(num_inference_steps, guidance_scale, output_type)
         if guidance_rule is not None and guidance_scale != 1.0:
             raise ValueError("give guidance_scale or guidance_rule, not both (the rule sets the guidance)")
@@ -233,7 +235,11 @@ class RestorationPipeline(DiffusionPipeline):
             with torch.no_grad():
                 if sampler == "ancestral":
                     noise = sample_noise(x.shape, generator, device, dtype)
-                    x_next = ancestral_step(x.detach(), x0_hat.detach(), a, s, alphas[i + 1], sigmas[i + 1], noise)
+                    if method.takes_own_step:
+                        x_next = method.step(x.detach(), x0_hat.detach(), a, s, alphas[i + 1], sigmas[i + 1], noise, y,
+                                             operator, sigma_y)
+                    else:
+                        x_next = ancestral_step(x.detach(), x0_hat.detach(), a, s, alphas[i + 1], sigmas[i + 1], noise)
                 else:
                     state = self.scheduler.step(out.detach(), t, state, **step_kwargs).prev_sample
                     x_next = state * expand_to(scale[i + 1], state)
