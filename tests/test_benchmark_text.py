@@ -180,3 +180,23 @@ def test_text_metrics_refuse_bad_input(assets, tmp_path):
     Image.new("RGB", (9, 8)).save(mixed / "b.png")
     with pytest.raises(ValueError, match="the images must share one size"):
         reference_images(str(mixed))
+
+
+def test_cfg_under_one_is_applied_in_text_cells(assets, tmp_path, one_thread):
+    """The benchmark's cfg 0.5 and cfg 1 cells sample differently (diffusers switches its CFG branch off at <= 1:
+    steerdiff applies w < 1 through guide()), and each records the guidance it ran."""
+    from steerdiff.benchmark.storage import RunFolder
+
+    out = tmp_path / "run"
+    cfg = _config(assets, tmp_path / "b.yaml", out, guidance=[{"name": "cfg", "scale": 0.5}, {"name": "cfg", "scale": 1}],
+                  schedulers=[{"name": "ddim"}])
+    data = yaml.safe_load(cfg.read_text())
+    data["models"][0]["metrics"] = ["saturation"]
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["benchmark", "--config", str(cfg)]) == 0
+    records = {r["guidance"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert set(records) == {"cfg 0.5", "cfg 1"} and all(r["status"] == "ok" for r in records.values())
+    folder = RunFolder(out)
+    half, one = (torch.cat([folder.load_chunk(records[g]["cell_id"], k).samples for k in range(2)]) for g in ("cfg 0.5", "cfg 1"))
+    assert (half - one).abs().max() > 1e-3  # before: bit-identical
+    assert records["cfg 0.5"]["network_calls"]["evaluations_per_sample"] == 2 * 3  # both branches ran, 3 steps
