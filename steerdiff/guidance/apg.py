@@ -20,6 +20,7 @@ import torch
 
 from ..core.tensors import batch_dot, batch_norm, expand_to
 from .base import GuidanceRule, GuidanceState, check_pair, check_scalar, mask_like, to_space
+from .cfg import cfg_combination
 from .schedules import WeightSchedule, as_scale, scale_at
 
 
@@ -144,7 +145,7 @@ class APGMix(GuidanceRule):
         check_pair(cond, uncond, state)
         # the CFG phase: keep APG's momentum buffer up to date with D_c - D_u, guide with CFG
         self.apg._momentum(to_space(cond, state, "sample") - to_space(uncond, state, "sample"), state)
-        guided = uncond + scale_at(self.scale, state, cond) * (cond - uncond)
+        guided = cfg_combination(cond, uncond, scale_at(self.scale, state, cond))
         if state.active is not None:
             guided = torch.where(mask_like(state.active, guided), guided, cond)
         return guided

@@ -11,6 +11,12 @@ from .base import GuidanceRule, GuidanceState, check_scalar
 from .schedules import WeightSchedule, as_scale, scale_at
 
 
+def cfg_combination(cond, uncond, w):
+    """g = u + w (c - u), the classifier-free guidance combination in diffusers' convention (w = 1: c; w = 0: u);
+    ``w`` a number or a per-sample tensor shaped to broadcast.  Every CFG in steerdiff forms it here."""
+    return uncond + w * (cond - uncond)
+
+
 class CFG(GuidanceRule):
     """Classifier-free guidance (Ho & Salimans 2022), diffusers' convention:  g = u + w (c - u).
 
@@ -22,8 +28,7 @@ class CFG(GuidanceRule):
         self.scale = as_scale(scale)
 
     def combine(self, cond, uncond, state):
-        w = scale_at(self.scale, state, cond)
-        return uncond + w * (cond - uncond)
+        return cfg_combination(cond, uncond, scale_at(self.scale, state, cond))
 
     def __repr__(self) -> str:
         return f"CFG(scale={self.scale!r})"
@@ -54,8 +59,7 @@ class CFGRescale(GuidanceRule):
         return self.space
 
     def combine(self, cond, uncond, state):
-        w = scale_at(self.scale, state, cond)
-        guided = uncond + w * (cond - uncond)
+        guided = cfg_combination(cond, uncond, scale_at(self.scale, state, cond))
         ratio = cond.to(torch.float64).flatten(1).std(dim=1) / guided.to(torch.float64).flatten(1).std(dim=1)
         factor = self.phi * ratio + (1.0 - self.phi)
         return guided * expand_to(factor, guided)

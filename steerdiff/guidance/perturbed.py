@@ -38,6 +38,7 @@ import torch
 
 from ..core.guidance_protocol import UNCOND
 from .base import GuidanceRule, GuidanceState, check_scalar
+from .cfg import cfg_combination
 from .perturbations import AttentionIdentity, Perturbation, QueryBlur, SkipLayers
 from .schedules import WeightSchedule, as_scale, scale_at
 
@@ -118,7 +119,7 @@ class PerturbedGuidance(GuidanceRule):
         if self.cfg_rule is not None:
             guided = self.cfg_rule(cond, uncond, state)
         else:
-            guided = uncond + scale_at(self.scale, state, cond) * (cond - uncond)
+            guided = cfg_combination(cond, uncond, scale_at(self.scale, state, cond))
         if not self.in_window(state):
             return guided
         return guided + self._perturbed_weight(state, cond) * (cond - state.perturbed_prediction(self.name))

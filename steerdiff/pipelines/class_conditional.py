@@ -20,6 +20,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from ..core.nonfinite import NonFiniteWatch
 from ..core.sde import sample_noise
+from ..guidance.cfg import cfg_combination
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -152,7 +153,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             out = self.unet(model_in, t, class_labels=model_labels).sample
             if use_cfg:
                 uncond, cond = out.chunk(2)
-                out = uncond + guidance_scale * (cond - uncond)
+                out = cfg_combination(cond, uncond, guidance_scale)
             watch.update(i, out, t)
             x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
         watch.finish()
