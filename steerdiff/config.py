@@ -11,6 +11,7 @@ weight beside the name, ``{name: apg, scale: 9}``, shorthand for ``{name: apg, k
 from __future__ import annotations
 
 import re
+from numbers import Real
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +36,14 @@ _Loader.add_implicit_resolver(
 def load_yaml(text) -> Any:
     """YAML text or stream -> Python objects (safe: no arbitrary objects), with YAML 1.2 floats."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def check_guidance_scale(value: Any, name: str = "guidance scale") -> float:
+    """A classifier-free guidance weight w: a real number (not a bool), finite and >= 0.  The one check of a numeric
+    guidance scale; every entry that takes one (configs, the Denoiser, the pipelines, the benchmark) calls it."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 class StrictModel(BaseModel):
@@ -92,8 +101,8 @@ class Spec(StrictModel):
     @model_validator(mode="after")
     def _check_scale(self) -> "Spec":
         scale = self.kwargs.get("scale")
-        if isinstance(scale, (int, float)) and not isinstance(scale, bool) and not 0 <= scale < float("inf"):
-            raise ValueError(f"scale must be a finite number >= 0, got {scale:g}")
+        if isinstance(scale, Real) and not isinstance(scale, bool):
+            check_guidance_scale(scale, "scale")
         return self
 
     @classmethod

@@ -36,7 +36,7 @@ from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from .atomic_io import atomic_write, atomic_write_text
-from .config import DTYPE_NAMES, ConfigError, Spec, StrictModel, load_config, torch_dtype
+from .config import DTYPE_NAMES, ConfigError, Spec, StrictModel, check_guidance_scale, load_config, torch_dtype
 from .devices import check_device
 from .run_folder import check_output_file, check_writable_folder
 
@@ -436,9 +436,10 @@ def plan_guidance(spec: Spec | None, kind: PipelineKind) -> GuidancePlan:
 
     hookable = kind.kind == "class" or any(c.__name__ in SUPPORTED_PIPELINES for c in kind.cls.__mro__)
     if spec.name == "cfg" and not isinstance(spec.scale, dict) and set(spec.kwargs) <= {"scale"}:
-        scale = spec.kwargs.get("scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < math.inf:
-            raise ConfigError(f"guidance: cfg scale must be a finite number >= 0 or a weight-schedule mapping, got {scale!r}")
+        try:
+            scale = check_guidance_scale(spec.kwargs.get("scale", 1.0), "guidance: cfg scale (or a weight-schedule mapping)")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         # diffusers' pipelines switch their CFG branch off at scale <= 1 (steerdiff's class pipeline does not): a
         # scale under 1 goes in as a rule with the branch on, scale 0 being the unconditional model
         if scale >= 1 or issubclass(kind.cls, ClassConditionalPipeline):

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..config import Spec
+from ..config import Spec, check_guidance_scale
 
 
 @dataclass
@@ -53,9 +53,7 @@ class ClassifierFreeGuidance:
     the batched [unconditional, conditional] call."""
 
     def __init__(self, scale: float):
-        if not scale >= 0:
-            raise ValueError(f"guidance scale must be >= 0, got {scale}")
-        self.scale = float(scale)
+        self.scale = check_guidance_scale(scale)
 
     @contextmanager
     def pipeline_call(self, pipe) -> Iterator[PipelineCall]:
@@ -94,9 +92,7 @@ def build_guidance(spec: Spec) -> ClassifierFreeGuidance | RuleGuidance:
         scale = kwargs.pop("scale", 1.0)
         if kwargs:
             raise ValueError(f"guidance 'cfg' with a numeric scale is the pipeline's own CFG and takes no other kwargs; got {sorted(kwargs)}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
-            raise ValueError(f"guidance 'cfg': scale must be a finite number >= 0 or a weight-schedule mapping, got {scale!r}")
-        return ClassifierFreeGuidance(scale)
+        return ClassifierFreeGuidance(check_guidance_scale(scale, "guidance 'cfg': scale (or a weight-schedule mapping)"))
     from ..guidance import get_rule
 
     return RuleGuidance(get_rule(spec.name, **kwargs))

@@ -36,6 +36,7 @@ from numbers import Real
 
 import torch
 
+from ..config import check_guidance_scale
 from .guidance_protocol import COND, UNCOND, GuidanceState, Request, apply_rule
 from .prediction import check_prediction_type, convert_prediction, to_eps, to_x0
 from .process import NoiseProcess
@@ -114,9 +115,7 @@ class Denoiser:
         if process.kind == "flow" and prediction_type == "v_prediction":
             raise ValueError("prediction_type='v_prediction' is not supported on a flow-matching process")
         if isinstance(guidance, Real) and not isinstance(guidance, bool):
-            if not guidance >= 0 or guidance != guidance or guidance == float("inf"):
-                raise ValueError(f"guidance scale must be a finite number >= 0, got {guidance!r}")
-            self.rule, self.scale = None, float(guidance)
+            self.rule, self.scale = None, check_guidance_scale(guidance)
         elif callable(guidance) and hasattr(guidance, "uncond_needed"):
             self.rule, self.scale = guidance, None
         else:

@@ -18,6 +18,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 
+from ..config import check_guidance_scale
 from ..core.nonfinite import NonFiniteWatch
 from ..core.sde import sample_noise
 from ..guidance.cfg import cfg_combination
@@ -29,8 +30,7 @@ def check_call_arguments(num_inference_steps, guidance_scale, output_type) -> No
     """The argument checks every steerdiff pipeline call shares."""
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-    if not guidance_scale >= 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    check_guidance_scale(guidance_scale, "guidance_scale")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
