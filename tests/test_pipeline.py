@@ -76,6 +76,7 @@ def test_save_and_load_local_folder(tiny_pipe, tiny_model_dir):
         (dict(class_labels=[0.5]), "non-empty 1-D sequence of integers"),
         (dict(class_labels=[0], num_inference_steps=0), "num_inference_steps must be an integer >= 1"),
         (dict(class_labels=[0], guidance_scale=-1.0), "guidance_scale must be a finite number >= 0, got -1.0"),
+        (dict(class_labels=[0], guidance_scale=float("inf")), "guidance_scale must be a finite number >= 0, got inf"),
         (dict(class_labels=[0], output_type="jpeg"), "output_type must be one of"),
         (dict(class_labels=[0], latents=torch.zeros(1, 1, 4, 4)), r"latents must have shape \(1, 1, 8, 8\)"),
         (dict(class_labels=[0, 1], generator=gens(0)), "one per sample"),
