@@ -315,26 +315,35 @@ def reference_id(dataset: str) -> str:
     return f"{path.stem}-{file_digest(str(path))}" if path.is_file() else str(path)
 
 
-def scan_image_folder(path: Path) -> list[Path]:
-    """The image files of a reference folder, after reading every file's header: the folder holds images, each
-    readable, all of one size (errors name the folder and the file)."""
+def image_sizes(files: list[Path], name=lambda f: repr(str(f))) -> list[tuple[int, int]]:
+    """(width, height) of every file, reading headers only; an unreadable file is a ValueError naming it
+    (``name(file)``: its quoted path by default)."""
     from PIL import Image, UnidentifiedImageError
 
-    files = _folder_images(path)
-    if not files:
-        raise ValueError(f"reference folder {str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    first = None
+    sizes = []
     for f in files:
         try:
             with Image.open(f) as im:
-                size = im.size
+                sizes.append(im.size)
         except (OSError, UnidentifiedImageError) as err:
-            raise ValueError(f"reference folder {str(path)!r}: {f.name} is not a readable image ({err})") from None
-        if first is None:
-            first = (f.name, size)
-        elif size != first[1]:
+            raise ValueError(f"{name(f)} is not a readable image ({err})") from None
+    return sizes
+
+
+def scan_image_folder(path: Path) -> list[Path]:
+    """The image files of a reference folder, after reading every file's header: the folder holds images, each
+    readable, all of one size (errors name the folder and the file)."""
+    files = _folder_images(path)
+    if not files:
+        raise ValueError(f"reference folder {str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    try:
+        sizes = image_sizes(files, name=lambda f: f.name)
+    except ValueError as err:
+        raise ValueError(f"reference folder {str(path)!r}: {err}") from None
+    for f, size in zip(files, sizes):
+        if size != sizes[0]:
             raise ValueError(
-                f"reference folder {str(path)!r}: {first[0]} is {first[1][0]}x{first[1][1]} but {f.name} is "
+                f"reference folder {str(path)!r}: {files[0].name} is {sizes[0][0]}x{sizes[0][1]} but {f.name} is "
                 f"{size[0]}x{size[1]}; the images must share one size (resize them once, e.g. to your samples' size)"
             )
     return files

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic_io import atomic_write
-from .features import NetworkFeatures, default_cache_dir
+from .features import NetworkFeatures, default_cache_dir, image_sizes
 
 FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CHUNK_BATCHES = 20  # batches per shard chunk
@@ -40,20 +41,6 @@ def list_images(folder: str | Path) -> list[Path]:
     if not files:
         raise ValueError(f"folder {str(root)!r} holds no images ({', '.join(FOLDER_SUFFIXES)}, searched recursively)")
     return files
-
-
-def image_sizes(files: list[Path]) -> dict[tuple[int, int], int]:
-    """How many files have each (width, height), reading headers only; an unreadable file is an error naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    sizes: dict[tuple[int, int], int] = {}
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                sizes[im.size] = sizes.get(im.size, 0) + 1
-        except (OSError, UnidentifiedImageError) as err:
-            raise ValueError(f"{str(f)!r} is not a readable image ({err})") from None
-    return sizes
 
 
 class ResizedImages(torch.utils.data.Dataset):
@@ -112,7 +99,7 @@ def folder_features(folder: str | Path, space: NetworkFeatures, num_workers: int
     """Features (float64 (N, d)) of every image under ``folder`` in ``space`` (module docstring)."""
     root = Path(folder).expanduser()
     files = list_images(root)
-    sizes = image_sizes(files)
+    sizes = Counter(image_sizes(files))
     if len(sizes) > 1:
         listed = ", ".join(f"{n} at {w}x{h}" for (w, h), n in sorted(sizes.items(), key=lambda kv: -kv[1])[:4])
         log(f"{root}: images of {len(sizes)} sizes ({listed}); each is resized to {space.input_size}x"
@@ -163,4 +150,4 @@ def _single_process():
     return Shard()
 
 
-__all__ = ["FOLDER_SUFFIXES", "ResizedImages", "content_key", "folder_features", "image_sizes", "list_images"]
+__all__ = ["FOLDER_SUFFIXES", "ResizedImages", "content_key", "folder_features", "list_images"]
