@@ -571,15 +571,14 @@ def with_default_scheduler(cfg: GenerateConfig) -> GenerateConfig:
     ``DEFAULT_ON_OWN_SIGMAS``: DPM-Solver++ 2M on steerdiff's core, which takes them.  Said when it happens, and
     recorded with the images as what ran."""
     from .pipelines.class_conditional import ClassConditionalPipeline
-    from .pipelines.folder import passes_own_sigmas, takes_sigmas
+    from .pipelines.folder import passes_own_sigmas, runs_in
 
     if "scheduler" in cfg.model_fields_set or cfg.scheduler is None:
         return cfg
     cls, folder = resolve_pipeline_class(cfg.model)
-    if folder is None or issubclass(cls, ClassConditionalPipeline) or not passes_own_sigmas(cls):
-        return cfg
-    if takes_sigmas(planned_scheduler(cfg.scheduler, folder)):
-        return cfg
+    if (folder is None or issubclass(cls, ClassConditionalPipeline) or not passes_own_sigmas(cls)
+            or runs_in(planned_scheduler(cfg.scheduler, folder), cls)):
+        return cfg.model_copy(update={"scheduler": cfg.scheduler})  # decided: a second call returns at once
     print(f"scheduler: {cls.__name__} passes its own sigmas, which the default {cfg.scheduler.name} (diffusers' "
           f"DPMSolverMultistepScheduler) cannot take; using {DEFAULT_ON_OWN_SIGMAS.name} with beta=1 (DPM-Solver++ 2M)")
     return cfg.model_copy(update={"scheduler": DEFAULT_ON_OWN_SIGMAS})
@@ -614,7 +613,7 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
     model folder's JSON files decide is checked, and the images folder locked, before any weights are read."""
     from contextlib import ExitStack
 
-    from .pipelines.folder import check_image_size, makes_videos, passes_own_sigmas, takes_sigmas
+    from .pipelines.folder import check_image_size, check_runs_in, makes_videos
 
     cfg = with_default_scheduler(cfg)
     from .pipelines.hooks import guide
@@ -642,11 +641,10 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
         check_components(model_folder)
         check_image_size(cls, model_folder, cfg.height, cfg.width)
         scheduler = planned_scheduler(cfg.scheduler, model_folder)
-        if passes_own_sigmas(cls) and not takes_sigmas(scheduler):
-            raise ConfigError(
-                f"scheduler: {kind.name} passes its own sigmas to set_timesteps, which {type(scheduler).__name__} "
-                f"cannot take; use {DEFAULT_ON_OWN_SIGMAS.name} with beta=1 (DPM-Solver++ 2M on the pipeline's "
-                "sigmas), another steerdiff scheduler (plms_hb, dpmpp_3m_hb, unipc_hb, ghvb) or flow_euler")
+        try:
+            check_runs_in(scheduler, cls)
+        except ConfigError as err:
+            raise ConfigError(f"scheduler: {err}") from None
         check_steps(scheduler, cfg.steps)
     if kind.kind != "class":  # prompt files and negatives checked before the weights are read
         items, rows = plan_items(cfg, kind, None)
@@ -663,14 +661,15 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
             items, rows = plan_items(cfg, kind, _num_classes(pipe))
             settings = {it.index: _settings(cfg, it) for it in items}
             _claim_images_folder(cfg, folder, items, settings)
-        if scheduler is not None:
+        if scheduler is not None:  # planned and checked from the folder's config above
             pipe.scheduler = scheduler
-        elif cfg.scheduler is not None:
-            try:
-                pipe.scheduler = make_scheduler(cfg.scheduler.name, pipe.scheduler.config, **cfg.scheduler.kwargs)
-            except (ValueError, TypeError) as err:
-                raise ConfigError(f"scheduler: {err}") from None
-        check_steps(pipe.scheduler, cfg.steps)
+        else:  # a built-in or class-conditional model folder: its scheduler comes with the loaded model
+            if cfg.scheduler is not None:
+                try:
+                    pipe.scheduler = make_scheduler(cfg.scheduler.name, pipe.scheduler.config, **cfg.scheduler.kwargs)
+                except (ValueError, TypeError) as err:
+                    raise ConfigError(f"scheduler: {err}") from None
+            check_steps(pipe.scheduler, cfg.steps)
         if cfg.attention == "xformers":
             pipe.enable_xformers_memory_efficient_attention()
         pipe.set_progress_bar_config(disable=True)  # one bar over the images instead of one per batch

@@ -28,6 +28,7 @@ from ..core.process import NoiseProcess, noise_process_from_config, prediction_t
 from ..metrics.base import Metric, SampleSet
 from ..metrics.registry import make_metric
 from ..pipelines.class_conditional import null_class_id, sample_shape
+from ..pipelines.folder import check_image_size, check_runs_in
 from ..pipelines.loading import load_pipeline
 from ..devices import check_device
 from ..run_folder import check_writable_folder, claim_run_folder
@@ -188,13 +189,7 @@ def _prepare_text_model(cfg: BenchmarkConfig, where: str, spec: ModelSpec, kind,
     if bad:
         raise ConfigError(f"{where}: call_kwargs: {bad} are not arguments of {kind.name} the config may set "
                           f"(prompts, sizes, steps, guidance and seeds have their own fields)")
-    from ..pipelines.folder import check_components, check_image_size
-
-    try:
-        check_components(folder)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    check_image_size(kind.cls, folder, spec.height, spec.width, where=f"{where}: ")
+    check_image_size(kind.cls, folder, spec.height, spec.width, where=f"{where}: ")  # load_any_pipeline checks the rest
     try:
         prompts = resolve_prompts(spec.prompts, spec.negative_prompts)
         pipe = load_any_pipeline(spec.model, kind.cls, folder, device, torch_dtype(spec.dtype))
@@ -224,12 +219,10 @@ def prepare(cfg: BenchmarkConfig, device: torch.device) -> list[CellPlan]:
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"schedulers[{j}] ({sspec.name!r}) for model {m.spec.display!r}: {err}") from None
             if m.is_text:
-                from ..pipelines.folder import passes_own_sigmas, takes_sigmas
-
-                if passes_own_sigmas(m.kind.cls) and not takes_sigmas(sched):
-                    raise ConfigError(f"schedulers[{j}] ({sspec.name!r}) for model {m.spec.display!r}: {m.kind.name} "
-                                      f"passes its own sigmas to set_timesteps, which {type(sched).__name__} cannot take; "
-                                      "use a steerdiff scheduler (dpmpp_2m_hb with beta=1 is DPM-Solver++ 2M) or flow_euler")
+                try:
+                    check_runs_in(sched, m.kind.cls)
+                except ConfigError as err:
+                    raise ConfigError(f"schedulers[{j}] ({sspec.name!r}) for model {m.spec.display!r}: {err}") from None
             schedulers[m.spec.display, sspec.display] = sched
             for nfe in cfg.nfe:
                 steps[m.spec.display, sspec.display, nfe] = steps_for_nfe(sched, nfe)

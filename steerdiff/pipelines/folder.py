@@ -19,6 +19,7 @@ configs settle, without loading a weight:
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,6 @@ def passes_own_sigmas(cls: type) -> bool:
     Chroma, LTX and Flux's img2img / control variants build ``np.linspace(1.0, 1 / num_inference_steps, ...)`` and
     never consult ``use_flow_sigmas``): a scheduler whose ``set_timesteps`` takes no ``sigmas`` fails in it.  Read from
     the pipeline's source; a pipeline whose source is unavailable counts as not passing them."""
-    import inspect
-
     try:
         source = inspect.getsource(cls.__call__)
     except (OSError, TypeError):
@@ -137,10 +136,18 @@ def passes_own_sigmas(cls: type) -> bool:
     return "np.linspace(1.0, 1 / num_inference_steps" in source and "use_flow_sigmas" not in source
 
 
-def takes_sigmas(scheduler) -> bool:
-    import inspect
+def runs_in(scheduler, cls: type) -> bool:
+    """Whether ``scheduler`` can lay out the grid pipeline ``cls`` asks for (its own sigmas, where it passes them)."""
+    return not passes_own_sigmas(cls) or "sigmas" in inspect.signature(scheduler.set_timesteps).parameters
 
-    return "sigmas" in inspect.signature(scheduler.set_timesteps).parameters
+
+def check_runs_in(scheduler, cls: type) -> None:
+    """:func:`runs_in`, or a ConfigError naming what to use instead."""
+    if not runs_in(scheduler, cls):
+        raise ConfigError(
+            f"{cls.__name__} passes its own sigmas to set_timesteps, which {type(scheduler).__name__} cannot take; use "
+            "dpmpp_2m_hb with beta=1 (DPM-Solver++ 2M on the pipeline's sigmas), another steerdiff scheduler (plms_hb, "
+            "dpmpp_3m_hb, unipc_hb, ghvb) or flow_euler")
 
 
 def makes_videos(params) -> bool:
@@ -149,4 +156,4 @@ def makes_videos(params) -> bool:
 
 
 __all__ = ["check_components", "check_image_size", "folder_scheduler_config", "image_size_multiple", "listed_components",
-           "makes_videos", "model_index", "passes_own_sigmas", "takes_sigmas", "vae_scale_factor"]
+           "check_runs_in", "makes_videos", "model_index", "passes_own_sigmas", "runs_in", "vae_scale_factor"]
