@@ -294,3 +294,21 @@ def test_errors_name_the_problem(case, assets, tmp_path, capsys):
         message = "must end in one of .npz"
     rc, _, err = _run(capsys, *args)
     assert rc == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--kid-subsets", "0"], "--kid-subsets must be >= 1, got 0"),
+    (["--kid-subset-size", "1"], "--kid-subset-size must be >= 2, got 1"),
+    (["--bootstrap", "-1"], "--bootstrap and --num-workers must be >= 0"),
+    (["--num-workers", "-2"], "--bootstrap and --num-workers must be >= 0"),
+    (["--device", "tpu"], "device: 'tpu' is not a torch device"),
+    (["--features", "dinov2"], "--model: --features dinov2 needs the network's local transformers folder"),
+    (["--save-stats", "--save-features"], "give --save-stats or --save-features, not both"),
+])
+def test_bad_options_are_refused_before_any_image_is_read(extra, message, assets, tmp_path, capsys, monkeypatch):
+    import steerdiff.metrics.folder_features as ff
+
+    monkeypatch.setattr(ff, "list_images", lambda *a, **k: pytest.fail("images read before the options were checked"))
+    rc, _, err = _run(capsys, assets / "real", assets / "fake", "--weights", assets / "inception.safetensors", *extra)
+    assert rc == 2 and message in err and "Traceback" not in err
