@@ -553,11 +553,18 @@ def load_any_pipeline(model: str, cls: type, folder: Path | None, device, dtype:
 
 def planned_scheduler(spec: Spec | None, folder: Path):
     """The scheduler a run of a diffusers folder samples with, built from the folder's scheduler config alone:
-    ``spec`` by name (its noise process checked against the model's), or the folder's own class."""
+    ``spec`` by name (its noise process checked against the model's), or the folder's own class.  The model's
+    noise process and prediction type must be ones steerdiff understands (:mod:`steerdiff.core.process`), whichever
+    scheduler runs: a config it cannot read is an error here, not a failure in the first sampling step."""
+    from .core.process import noise_process_from_config, prediction_type_from_config
     from .pipelines.folder import folder_scheduler_config
     from .samplers.registry import make_scheduler
 
     config = folder_scheduler_config(folder)
+    try:
+        noise_process_from_config(config), prediction_type_from_config(config)
+    except ValueError as err:
+        raise ConfigError(f"model: {str(folder / 'scheduler' / 'scheduler_config.json')!r}: {err}") from None
     name = spec.name if spec is not None else config.get("_class_name")
     try:
         return make_scheduler(name, config, **(spec.kwargs if spec is not None else {}))

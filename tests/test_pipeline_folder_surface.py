@@ -123,7 +123,7 @@ def test_the_default_scheduler_on_a_pipeline_that_passes_its_own_sigmas(tmp_path
 @pytest.mark.parametrize("case", [
     "zero_img2img_steps", "image_not_an_image", "component_missing", "eta_not_a_number", "latents_from_config",
     "num_images_per_prompt", "height_rule", "flux_width_rule", "unknown_scheduler", "flow_scheduler_on_vp",
-    "too_many_steps", "video_pipeline", "deis_on_flow", "moved_guidance_scale"])
+    "too_many_steps", "video_pipeline", "deis_on_flow", "moved_guidance_scale", "unknown_prediction_type"])
 def test_errors_name_the_field_before_any_weights_load(case, folders, tmp_path, capsys, monkeypatch):
     import steerdiff.generate as generate_module
 
@@ -136,6 +136,11 @@ def test_errors_name_the_field_before_any_weights_load(case, folders, tmp_path, 
         broken = tmp_path / "broken"
         shutil.copytree(folders["sd"], broken)
         shutil.rmtree(broken / "unet")
+    if case == "unknown_prediction_type":
+        odd = tmp_path / "odd"
+        shutil.copytree(folders["sd"], odd)
+        path = odd / "scheduler" / "scheduler_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": "score"}))
     not_image = tmp_path / "notes.png"
     not_image.write_text("not an image")
     args, message = {
@@ -160,6 +165,8 @@ def test_errors_name_the_field_before_any_weights_load(case, folders, tmp_path, 
         "deis_on_flow": ([f"model={folders['flux']}", text, "scheduler.name=deis"],
                          "DEISMultistepScheduler cannot sample flow-matching models"),
         "moved_guidance_scale": ([sd, text, "guidance_scale=5"], "the guidance weight is guidance.kwargs.scale"),
+        "unknown_prediction_type": ([f"model={tmp_path / 'odd'}", text],  # the pipeline's own CFG: no rule to catch it
+                                    "scheduler_config.json': prediction_type must be one of"),
     }[case]
     assert main(["generate", *args, f"output={tmp_path / 'g.png'}"]) == 2
     err = capsys.readouterr().err
