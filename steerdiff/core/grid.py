@@ -43,6 +43,7 @@ class Grid:
     sigma_bar_host: torch.Tensor  # sigma_bar on the CPU (float64)
     starts_at_pure_noise: bool  # alpha_0 = 0 (flow grids from s = 1): the x / alpha form is singular there
     ends_clean: bool  # sigma_N = 0
+    process: NoiseProcess | None = None  # the process the noise levels are of (what a warm-up stage between points asks)
     points: list = field(default_factory=list)  # (alpha_i, sigma_i) as separate 0-d tensors, see point()
 
     @property
@@ -130,6 +131,7 @@ def make_grid(process: NoiseProcess, timesteps, sigmas=None, device=None) -> Gri
         sigma_bar_host=sigma_bar,
         starts_at_pure_noise=ends[0] == 0,
         ends_clean=ends[1] == 0,
+        process=process,
     )
 
 

@@ -191,6 +191,14 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         return self._grid
 
     @property
+    def network_calls(self) -> list[tuple[float, int]]:
+        """(timestep, grid step) of each network call of the current run, in order: one per step, several for a
+        warm-up step (``warmup="rk4"``)."""
+        stages = getattr(self, "_stages", None)
+        steps = [n for n, _ in stages] if stages is not None else range(len(self._call_t))
+        return list(zip(self._call_t, steps))
+
+    @property
     def step_index(self) -> int | None:
         """The index in ``timesteps`` of the next step (None before the first step of a run)."""
         return self._step_index
@@ -226,11 +234,21 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
         c = self.config
         if c.noise_process == "vp" and (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps()")
-        self._grid = grid = resolve_grid(
+        self.start_run(resolve_grid(
             self._process, num_inference_steps, timesteps=timesteps, sigmas=sigmas, mu=mu,
             timestep_spacing=c.timestep_spacing, steps_offset=c.steps_offset, final_sigmas_type=c.final_sigmas_type,
             device=device,
-        )
+        ))
+
+    def start_run(self, grid: Grid) -> None:
+        """Start a run on a grid laid out elsewhere (``set_timesteps`` lays out its own and calls this): reset the
+        sampler's memory and its step count.  :mod:`steerdiff.k_diffusion` runs the samplers this way on the sigmas
+        a k-diffusion caller gives, on :mod:`~steerdiff.core.sigma_process`'s processes, whose timestep is the
+        noise level.  The grid's process must be of this scheduler's family (flow, or VP / variance exploding)."""
+        c = self.config
+        if (grid.process is not None and grid.process.kind == "flow") != (c.noise_process == "flow"):
+            raise ValueError(f"this scheduler's noise_process is {c.noise_process!r}; the grid's process is {grid.process!r}")
+        self._grid = grid
         self.timesteps = grid.timesteps
         # diffusers' ``sigmas`` (on the CPU): the flow noise level s, or the VP sigma_bar of DPM-Solver / Euler
         self.sigmas = (grid.sigma_host if c.noise_process == "flow" else grid.sigma_bar_host).to(torch.float32)
@@ -380,11 +398,9 @@ class AdamsBashforthScheduler(MomentumScheduler):
     N steps cost N + 3 (r - 1) calls.  k1 of each warm-up step enters the history as a multistep value would.
     """
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
-                      mu: float | None = None) -> None:
-        """:meth:`MomentumScheduler.set_timesteps` (same arguments: pipelines inspect them), then the variable
-        weights and the warm-up calls of this grid."""
-        super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
+    def start_run(self, grid: Grid) -> None:
+        """:meth:`MomentumScheduler.start_run`, then the variable weights and the warm-up calls of this grid."""
+        super().start_run(grid)
         self._weights = self._variable_weights() if self.config.adams_weights == "variable" else None
         self._stages = None
         if self.config.warmup == "rk4" and self.config.order > 1:
@@ -400,21 +416,22 @@ class AdamsBashforthScheduler(MomentumScheduler):
 
     @property
     def _in_s(self) -> bool:
-        return self._weights is not None and self._process.kind == "flow"
+        return self._weights is not None and self._grid.process.kind == "flow"
 
     def _variable_weights(self, start: int = 0):
         """Per step i >= ``start`` (the run's first step), the weights on the nodes start..i (at most r of them)."""
         from ..core.multistep import variable_adams_bashforth_grid
 
         grid = self._grid
-        flow = self._process.kind == "flow"
+        flow = grid.process.kind == "flow"
         nodes = (grid.sigma_host if flow else grid.sigma_bar_host).numpy()
         skip = 1 if grid.starts_at_pure_noise and not flow and start == 0 else 0  # sigma_bar is infinite there
         beta = self._momentum.beta if self._beta_weighted else 1.0
         return variable_adams_bashforth_grid(nodes, self.config.order, beta, start=start, history_start=start + skip)
 
     def _lay_out_warmup(self) -> None:
-        grid, process = self._grid, self._process
+        grid = self._grid
+        process = grid.process
         if process.kind == "flow" and not self._in_s:
             raise ValueError("warmup='rk4' on a flow-matching grid integrates in s: it needs adams_weights='variable'")
         warm = min(self.config.order - 1, grid.num_steps)

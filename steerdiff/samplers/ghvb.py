@@ -84,7 +84,6 @@ class GHVBScheduler(AdamsBashforthScheduler):
         self._momentum.velocity = velocities[-1]
         return adams_bashforth(history, self.config.order, self._momentum.beta, coefficients=self._coefficients(i))
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
-                      mu: float | None = None) -> None:
-        super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
+    def start_run(self, grid) -> None:
+        super().start_run(grid)
         self._warm = []

@@ -132,9 +132,8 @@ class HeavyBallUniPCScheduler(MomentumScheduler):
         self._corrector = MomentumState(beta, history_length=1)  # the corrector's w
         self._last = None  # (step, x_n, order) of the predictor step waiting for its correction
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
-                      mu: float | None = None) -> None:
-        super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
+    def start_run(self, grid) -> None:
+        super().start_run(grid)
         self._corrector.reset()
         self._last = None
 
