@@ -33,96 +33,33 @@ def _ksampler(function, **options):
     return (comfy.samplers.KSAMPLER(function, extra_options=options),)
 
 
-class SteerdiffSamplerPLMSHB:
-    """PLMS with heavy-ball momentum (beta 1: k-diffusion's LMS)."""
+def sampler_node(name: str, function, inputs: dict, doc: str):
+    """A SAMPLER node class: ``inputs`` are its ComfyUI input declarations, passed to ``function`` as options."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "order": ("INT", {"default": 4, "min": 1, "max": 4}),
-            "beta": _BETA,
-            "adams_weights": (["variable", "fixed"], {"default": "variable"}),
-            "warmup": (["none", "rk4"], {"default": "none"}),
-            "process": _PROCESS,
-        }}
+    def get_sampler(self, **options):
+        return _ksampler(function, **options)
 
-    RETURN_TYPES = ("SAMPLER",)
-    FUNCTION = "get_sampler"
-    CATEGORY = CATEGORY_SAMPLERS
-
-    def get_sampler(self, order, beta, adams_weights, warmup, process):
-        return _ksampler(sample_plms_hb, order=order, beta=beta, adams_weights=adams_weights, warmup=warmup, process=process)
+    return type(name, (), {
+        "__doc__": doc, "INPUT_TYPES": classmethod(lambda cls: {"required": dict(inputs)}), "RETURN_TYPES": ("SAMPLER",),
+        "FUNCTION": "get_sampler", "CATEGORY": CATEGORY_SAMPLERS, "get_sampler": get_sampler,
+    })
 
 
-class SteerdiffSamplerGHVB:
-    """Generalized heavy ball of momentum number m (3.8 = order 4, beta 0.8; 1 = Euler)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "momentum_number": ("FLOAT", {"default": 3.8, "min": 0.05, "max": 4.0, "step": 0.05}),
-            "adams_weights": (["variable", "fixed"], {"default": "variable"}),
-            "warmup": (["none", "rk4"], {"default": "none"}),
-            "process": _PROCESS,
-        }}
-
-    RETURN_TYPES = ("SAMPLER",)
-    FUNCTION = "get_sampler"
-    CATEGORY = CATEGORY_SAMPLERS
-
-    def get_sampler(self, momentum_number, adams_weights, warmup, process):
-        return _ksampler(sample_ghvb, momentum_number=momentum_number, adams_weights=adams_weights, warmup=warmup,
-                         process=process)
-
-
-class SteerdiffSamplerDPMPP2MHB:
-    """DPM-Solver++ 2M with heavy-ball momentum (beta 1: dpmpp_2m)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"beta": _BETA, "process": _PROCESS}}
-
-    RETURN_TYPES = ("SAMPLER",)
-    FUNCTION = "get_sampler"
-    CATEGORY = CATEGORY_SAMPLERS
-
-    def get_sampler(self, beta, process):
-        return _ksampler(sample_dpmpp_2m_hb, beta=beta, process=process)
-
-
-class SteerdiffSamplerDPMPP3MHB:
-    """DPM-Solver++ 3M with heavy-ball momentum."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"beta": _BETA, "process": _PROCESS}}
-
-    RETURN_TYPES = ("SAMPLER",)
-    FUNCTION = "get_sampler"
-    CATEGORY = CATEGORY_SAMPLERS
-
-    def get_sampler(self, beta, process):
-        return _ksampler(sample_dpmpp_3m_hb, beta=beta, process=process)
-
-
-class SteerdiffSamplerUniPCHB:
-    """UniPC with heavy-ball momentum on predictor and corrector."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "beta": _BETA,
-            "order": ("INT", {"default": 2, "min": 1, "max": 3}),
-            "solver_type": (["bh2", "bh1"], {"default": "bh2"}),
-            "process": _PROCESS,
-        }}
-
-    RETURN_TYPES = ("SAMPLER",)
-    FUNCTION = "get_sampler"
-    CATEGORY = CATEGORY_SAMPLERS
-
-    def get_sampler(self, beta, order, solver_type, process):
-        return _ksampler(sample_unipc_hb, beta=beta, order=order, solver_type=solver_type, process=process)
+_WEIGHTS = (["variable", "fixed"], {"default": "variable"})
+_WARMUP = (["none", "rk4"], {"default": "none"})
+SteerdiffSamplerPLMSHB = sampler_node("SteerdiffSamplerPLMSHB", sample_plms_hb, {
+    "order": ("INT", {"default": 4, "min": 1, "max": 4}), "beta": _BETA, "adams_weights": _WEIGHTS, "warmup": _WARMUP,
+    "process": _PROCESS}, "PLMS with heavy-ball momentum (beta 1: k-diffusion's LMS).")
+SteerdiffSamplerGHVB = sampler_node("SteerdiffSamplerGHVB", sample_ghvb, {
+    "momentum_number": ("FLOAT", {"default": 3.8, "min": 0.05, "max": 4.0, "step": 0.05}), "adams_weights": _WEIGHTS,
+    "warmup": _WARMUP, "process": _PROCESS}, "Generalized heavy ball of momentum number m (3.8 = order 4, beta 0.8; 1 = Euler).")
+SteerdiffSamplerDPMPP2MHB = sampler_node("SteerdiffSamplerDPMPP2MHB", sample_dpmpp_2m_hb, {"beta": _BETA, "process": _PROCESS},
+                                         "DPM-Solver++ 2M with heavy-ball momentum (beta 1: dpmpp_2m).")
+SteerdiffSamplerDPMPP3MHB = sampler_node("SteerdiffSamplerDPMPP3MHB", sample_dpmpp_3m_hb, {"beta": _BETA, "process": _PROCESS},
+                                         "DPM-Solver++ 3M with heavy-ball momentum.")
+SteerdiffSamplerUniPCHB = sampler_node("SteerdiffSamplerUniPCHB", sample_unipc_hb, {
+    "beta": _BETA, "order": ("INT", {"default": 2, "min": 1, "max": 3}), "solver_type": (["bh2", "bh1"], {"default": "bh2"}),
+    "process": _PROCESS}, "UniPC with heavy-ball momentum on predictor and corrector.")
 
 
 def parse_options(text: str) -> dict:

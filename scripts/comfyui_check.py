@@ -152,7 +152,7 @@ def main() -> int:
             for sampler_name in ("euler", "dpmpp_2m", "steerdiff ghvb 3.8"):
                 guider = NODES["SteerdiffGuider"]().get_guider(patcher, conditioning(MU), conditioning(-MU), rule, 5.0, options)[0]
                 if sampler_name.startswith("steerdiff"):
-                    sampler = NODES["SteerdiffSamplerGHVB"]().get_sampler(3.8, "variable", "none", "auto")[0]
+                    sampler = NODES["SteerdiffSamplerGHVB"]().get_sampler(momentum_number=3.8, adams_weights="variable", warmup="none", process="auto")[0]
                     run = lambda m, x: ours.sample_ghvb(m, x, sigmas, disable=True, momentum_number=3.8, process="flow" if flow else "ve")
                 else:
                     sampler = comfy.samplers.sampler_object(sampler_name)
