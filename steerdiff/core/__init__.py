@@ -10,6 +10,7 @@ from .prediction import PREDICTION_TYPES, check_prediction_type, convert_predict
 from .sampling import SAMPLERS, get_sampler, sample_ddim, sample_dpmpp_2m, sample_plms
 from .process import NoiseProcess, noise_process_family, noise_process_from_config, prediction_type_from_config
 from .schedule import BETA_SCHEDULES, NoiseSchedule
+from .sigma_process import FlowSigma, VarianceExplodingSigma
 from .sde import ancestral_step, sample_noise
 from .stability import real_axis_stability_edge
 from .steps import dpm_solver_2m_eps
@@ -26,5 +27,5 @@ __all__ = [
     "exp_neg_h", "expand_to", "exponential_step", "from_eps", "from_x0", "get_sampler", "ghvb_direction", "heavy_ball",
     "order_and_beta", "plms_hb_direction", "real_axis_stability_edge", "sample_ddim",
     "sample_dpmpp_2m", "sample_noise", "sample_plms", "spaced_timesteps", "step_ratio", "to_eps", "to_x0",
-    "with_final", "dpm_solver_2m_eps", "linspace_timesteps",
+    "with_final", "dpm_solver_2m_eps", "linspace_timesteps", "FlowSigma", "VarianceExplodingSigma",
 ]
