@@ -13,7 +13,8 @@ without weights, ``comfy.model_base.BaseModel`` with an SD1.5-shaped EPS model s
 2. the steerdiff GUIDER node (several rules) and ComfyUI's own ``euler`` / ``dpmpp_2m`` samplers;
 3. both steerdiff's.
 
-Each ComfyUI sample is compared with the same sampler function and guidance run outside ComfyUI on the same denoiser
+The node pack is loaded by ComfyUI's own loader (``nodes.load_custom_node``) and the nodes are taken from ComfyUI's
+``NODE_CLASS_MAPPINGS``.  Each ComfyUI sample is compared with the same sampler function and guidance run outside ComfyUI on the same denoiser
 (steerdiff.k_diffusion; ComfyUI's k-diffusion functions for its samplers) from the same noise.  Prints one line per
 case and exits 1 if any differs by more than ``--tol`` (float32 arithmetic).
 """
@@ -50,7 +51,7 @@ def main() -> int:
     if not (root / "comfy" / "samplers.py").is_file():
         parser.error(f"--comfyui: {root} is not a ComfyUI checkout (no comfy/samplers.py)")
     sys.path.insert(0, str(root))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repository, for the comfyui/ node pack
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repository: comfyui.nodes.make_rule, for the outside runs
     sys.argv = [sys.argv[0], "--cpu"]
     import comfy.options
 
@@ -63,7 +64,20 @@ def main() -> int:
     import comfy.supported_models_base
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
 
-    from comfyui import NODE_CLASS_MAPPINGS as NODES
+    import asyncio
+
+    import nodes as comfy_nodes
+
+    pack = Path(__file__).resolve().parents[1] / "comfyui"
+    if not asyncio.run(comfy_nodes.load_custom_node(str(pack))):  # ComfyUI's own custom-node loader
+        print(f"ComfyUI could not load the node pack {pack}")
+        return 1
+    NODES = comfy_nodes.NODE_CLASS_MAPPINGS
+    missing = [n for n in ("SteerdiffSamplerPLMSHB", "SteerdiffSamplerGHVB", "SteerdiffSamplerDPMPP2MHB",
+                           "SteerdiffSamplerDPMPP3MHB", "SteerdiffSamplerUniPCHB", "SteerdiffGuider") if n not in NODES]
+    if missing:
+        print(f"ComfyUI loaded the pack but lacks the nodes {missing}")
+        return 1
     from steerdiff.k_diffusion import GuidedDenoiser, process_of_model_sampling
     import steerdiff.k_diffusion as ours
 
