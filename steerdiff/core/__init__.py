@@ -7,7 +7,7 @@ from .grid import Grid, make_grid, resolve_grid
 from .momentum import MomentumState, ghvb_direction, heavy_ball, order_and_beta, plms_hb_direction
 from .multistep import History, adams_bashforth, adams_bashforth_coefficients
 from .prediction import PREDICTION_TYPES, check_prediction_type, convert_prediction, from_eps, from_x0, to_eps, to_x0
-from .sampling import SAMPLERS, get_sampler, sample_ddim, sample_dpmpp_2m, sample_plms
+from .sampling import SAMPLERS, get_sampler, sample_ddim, sample_dpmpp_2m, sample_pcg, sample_plms
 from .process import NoiseProcess, noise_process_family, noise_process_from_config, prediction_type_from_config
 from .schedule import BETA_SCHEDULES, NoiseSchedule
 from .sigma_process import FlowSigma, VarianceExplodingSigma
@@ -27,5 +27,5 @@ __all__ = [
     "exp_neg_h", "expand_to", "exponential_step", "from_eps", "from_x0", "get_sampler", "ghvb_direction", "heavy_ball",
     "order_and_beta", "plms_hb_direction", "real_axis_stability_edge", "sample_ddim",
     "sample_dpmpp_2m", "sample_noise", "sample_plms", "spaced_timesteps", "step_ratio", "to_eps", "to_x0",
-    "with_final", "dpm_solver_2m_eps", "linspace_timesteps", "FlowSigma", "VarianceExplodingSigma",
+    "with_final", "dpm_solver_2m_eps", "linspace_timesteps", "FlowSigma", "VarianceExplodingSigma", "sample_pcg",
 ]

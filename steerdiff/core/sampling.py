@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from .denoiser import as_denoiser
+from .denoiser import Denoiser, as_denoiser
 from .grid import Grid, make_grid
 from .multistep import History, adams_bashforth
 from .process import NoiseProcess
@@ -81,6 +81,76 @@ def sample_plms(model, x, process, timesteps, prediction_type=None, order=4, cal
             callback(i, grid.t[i], x, pred.x0)
         history.push(pred.eps)
         x = grid.euler(i, x, adams_bashforth(history, order), pred)
+    return x
+
+
+PCG_PREDICTORS = ("ddim", "ddpm")
+
+
+def _guided_view(denoiser, scale: float):
+    """The same network and conditioning with classifier-free guidance at ``scale`` (1 = the conditional model),
+    checking NaN/Inf in every evaluation."""
+    return Denoiser(denoiser.network, denoiser.process, denoiser.prediction_type, scale, denoiser.cond, check_finite=True)
+
+
+@torch.no_grad()
+def sample_pcg(model, x, process, timesteps, prediction_type=None, *, gamma: float, corrector_steps: int = 1,
+               step_size: float | None = None, predictor: str = "ddim", generator=None, callback=None):
+    """Predictor-corrector guidance (PCG; Bradley & Nakkiran 2024, "Classifier-Free Guidance is a Predictor-Corrector").
+
+    Each step: a predictor on the *conditional* model from noise level i to i + 1 (``"ddim"``: the Euler step in
+    (x_bar, sigma_bar); ``"ddpm"``: the ancestral step), then ``corrector_steps`` Langevin steps at level i + 1 on
+    the gamma-powered distribution p(x | c)^gamma p(x)^(1 - gamma), whose score is the CFG combination at scale gamma,
+
+        x_bar <- x_bar + (eta / 2) s_gamma + sqrt(eta) z,   s_gamma = -(eps_u + gamma (eps_c - eps_u)) / sigma_bar,
+
+    in x_bar = x / alpha (so one formula serves VP and flow).  ``step_size`` None takes eta = sigma_bar_i^2 -
+    sigma_bar_{i+1}^2, the choice under which one corrector step after the DDIM predictor is, to first order in the
+    step, the CFG-DDPM step at w = (gamma + 1) / 2: the reverse-SDE step is the probability-flow step plus one
+    Langevin step of that size, and the CFG score splits as s_w = (s_c + s_gamma) / 2 with gamma = 2 w - 1 (our
+    derivation of the paper's SDE-limit equivalence, written out in docs/pcg.md).  A number r gives eta = r sigma_bar_{i+1}^2.
+    No corrector runs at sigma = 0 (a grid's clean end); a step from pure noise (a flow grid's s = 1, sigma_bar
+    infinite) takes the next step's eta.  Network calls: N predictor calls (conditional only) plus corrector_steps
+    guided calls at each level but the clean end.
+
+    ``model`` is a conditional :class:`~steerdiff.core.Denoiser` (its own guidance is not used: the predictor runs
+    the conditional branch, the corrector CFG at gamma); ``generator``: one per sample for per-sample noise.
+    """
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= float(gamma) < float("inf"):
+        raise ValueError(f"gamma must be a finite number >= 0 (gamma = 2 w - 1 for CFG scale w), got {gamma!r}")
+    if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
+        raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}")
+    if step_size is not None and (isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not 0 < step_size < float("inf")):
+        raise ValueError(f"step_size must be None (the CFG-DDPM-matching eta) or a finite number > 0, got {step_size!r}")
+    if predictor not in PCG_PREDICTORS:
+        raise ValueError(f"predictor must be one of {PCG_PREDICTORS}, got {predictor!r}")
+    grid, denoiser = _setup(model, x, process, timesteps, prediction_type)
+    if not hasattr(denoiser.network, "null"):
+        raise ValueError("PCG needs a conditional network (one with a null / unconditional input)")
+    conditional, powered = _guided_view(denoiser, 1.0), _guided_view(denoiser, float(gamma))
+    bar = grid.sigma_bar_host.tolist()
+    n = grid.num_steps
+    for i in range(n):
+        pred = _predict(conditional, grid, i, x)
+        if callback is not None:
+            callback(i, grid.t[i], x, pred.x0)
+        if predictor == "ddim":
+            x = grid.euler(i, x, pred.eps, pred)
+        else:
+            x = ancestral_step(x, pred.x0, *grid.point(i), *grid.point(i + 1), sample_noise(x.shape, generator, x.device, x.dtype), 1.0)
+        if corrector_steps == 0 or bar[i + 1] == 0.0:
+            continue
+        if step_size is not None:
+            eta = step_size * bar[i + 1] ** 2
+        else:
+            k = i if bar[i] != float("inf") else i + 1  # from pure noise: the next step's size
+            eta = bar[k] ** 2 - bar[k + 1] ** 2 if k + 1 <= n else bar[i + 1] ** 2
+        alpha, sigma = grid.point(i + 1)
+        scale = alpha.to(x.dtype)
+        for _ in range(corrector_steps):
+            eps = _predict(powered, grid, i + 1, x).eps
+            noise = sample_noise(x.shape, generator, x.device, x.dtype)
+            x = x - scale * (eta / (2 * bar[i + 1])) * eps + scale * (eta**0.5) * noise
     return x
 
 
