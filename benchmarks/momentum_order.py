@@ -34,7 +34,7 @@ from steerdiff.samplers import GHVBScheduler, HeavyBallDPMSolverScheduler, Heavy
 from steerdiff.testbeds import fit_digits_mixture
 
 END = dict(final_sigmas_type="sigma_min")
-FIXED = dict(END, adams_weights="fixed")  # the paper's equal-step weights, what the README's table measured
+FIXED = dict(END, adams_weights="fixed")  # the paper's equal-step weights, what docs/samplers.md's table measured
 METHODS = {
     "DDIM (GHVB 1)": lambda: GHVBScheduler(momentum_number=1, **FIXED),
     "PLMS4 (GHVB 4)": lambda: GHVBScheduler(momentum_number=4, **FIXED),

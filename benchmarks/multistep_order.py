@@ -17,7 +17,7 @@ states), separating the error of the start from that of the weights; ``euler`` i
 (lower-order Adams-Bashforth steps while the history fills); ``rk4`` the schedulers' ``warmup="rk4"``
 (N steps then cost N + 3 (r - 1) network calls; the error is still reported against N).
 
-    python -m benchmarks.multistep_order                     # the README table (about a minute on one core)
+    python -m benchmarks.multistep_order                     # the table in docs/samplers.md (about a minute on one core)
     python -m benchmarks.multistep_order --sd-start          # PLMS-4's start on SD's scaled-linear betas
 
 ``--sd-start``: PLMS-4 (variable weights) with the Euler start and with ``warmup="rk4"`` on Stable Diffusion's

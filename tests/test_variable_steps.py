@@ -135,7 +135,7 @@ ORDER_CASES = [(name, nominal, grid) for name, nominal in (("PLMS-2", 2), ("PLMS
 def test_plms_reaches_its_nominal_order_with_variable_weights_and_rk4_start(name, nominal, grid):
     """Local order between N = 160 and 320 against the exact Gaussian flow (benchmarks/multistep_order.py).
     PLMS-2 on the shift-3 flow grid is not among the cases: its error changes sign near N = 80 and its local order
-    is still 1.4 at N = 320 (1.8 at 640; the README's order table shows it)."""
+    is still 1.4 at N = 320 (1.8 at 640; docs/samplers.md's order table shows it)."""
     kind, kw = GRIDS[grid]
     e160, e320 = (final_error(METHODS[name]("variable"), kind, kw, n, "rk4") for n in (160, 320))
     assert math.log2(e160 / e320) >= nominal - 0.25, (e160, e320)
@@ -182,7 +182,7 @@ def test_steady_state_velocity_weights_are_the_long_running_average():
 @pytest.mark.parametrize("grid", ["flow shift 1", "flow shift 3"])
 def test_ghvb_reaches_its_order_on_flow_grids_with_the_rk4_start(name, nominal, grid):
     """With the Runge-Kutta start the velocities start at their steady state; GHVB with beta < 1 then reaches its
-    order on flow grids (on diffusers' VP grids it does not: see the README)."""
+    order on flow grids (on diffusers' VP grids it does not: see docs/samplers.md)."""
     kind, kw = GRIDS[grid]
     e160, e320 = (final_error(METHODS[name]("variable"), kind, kw, n, "rk4") for n in (160, 320))
     assert math.log2(e160 / e320) >= nominal - 0.3, (e160, e320)
@@ -237,7 +237,7 @@ def test_vectorized_grid_weights_equal_the_polynomial_integrals(beta, order, his
 
 
 def test_on_sd_betas_the_euler_start_caps_plms4_and_rk4_does_not():
-    """The README's statement (issue 21, item 8): on SD's scaled-linear betas the Euler start is what limits PLMS-4
+    """The statement in docs/samplers.md (issue 21, item 8): on SD's scaled-linear betas the Euler start is what limits PLMS-4
     (local order near 2 at large N), the Runge-Kutta start keeps it near 4."""
     from benchmarks.multistep_order import sd_start_error
 
