@@ -270,3 +270,16 @@ def test_non_finite_model_output_is_reported(tiny64):
             run("off")  # the final check still catches what the per-step watch was told to ignore
     finally:
         hook.remove()
+
+
+def test_a_diverging_update_is_named_at_its_step(tiny64):
+    """A finite model output but a method update that overflows: the step-wise watch names the update and the step
+    (it used to surface only at the end, as the restored samples' count)."""
+
+    class Exploding(DPS):
+        def update(self, x_next, x, residual, operator, noised_y):
+            return x_next * math.inf
+
+    with pytest.raises(FloatingPointError, match=r"the restored samples after Exploding's update \(the model output was finite.*\) holds NaN/Inf at step 0 of 2"):
+        pipeline(tiny64, DDPMScheduler(), Exploding())(
+            torch.zeros(1, 1, 8, 8, dtype=F64), Inpainting(box_mask((8, 8))), num_inference_steps=2, generator=gens(0))

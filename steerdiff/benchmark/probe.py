@@ -1,7 +1,8 @@
 """Count the real calls of a denoiser and find the first sampling step that saw or produced NaN/Inf.
 
-A forward hook on the network records, per call, the batch size, one finite/non-finite flag (kept on the device as
-a tensor, so sampling is never synchronised with the host) and the scheduler's step index at that call (a Python
+A forward hook on the network records, per call, the batch size, the first call whose input or output held NaN/Inf
+(a deferred :class:`~steerdiff.core.nonfinite.NonFiniteWatch`, kept on the device, so sampling is never
+synchronised with the host) and the scheduler's step index at that call (a Python
 number the scheduler keeps; no device read).  :meth:`NetworkProbe.first_nonfinite_step` reads the flags once, after
 sampling, and names the step, also in pipelines that call the network twice per step (Flux with true CFG,
 Qwen-Image, Wan), where the call index is not the step.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.nonfinite import NonFiniteWatch
 from ..pipelines.hooks import output_tensor
 
 
@@ -23,7 +25,7 @@ class NetworkProbe:
         self.scheduler = scheduler
         self.calls = 0
         self.rows = 0
-        self._finite: list[torch.Tensor] = []
+        self._watch = NonFiniteWatch("deferred", "the network's input or output")  # by call index; read, never raised
         self._steps: list[int] = []
         self._handle = None
 
@@ -42,7 +44,7 @@ class NetworkProbe:
         out = output_tensor(output)
         self.calls += 1
         self.rows += sample.shape[0]
-        self._finite.append(torch.isfinite(sample).all() & torch.isfinite(out).all())
+        self._watch.update(self.calls - 1, [out, sample])
         self._steps.append(self._step() if self.scheduler is not None else self.calls - 1)
 
     def __enter__(self) -> "NetworkProbe":
@@ -54,10 +56,11 @@ class NetworkProbe:
 
     def first_nonfinite_call(self) -> int | None:
         """Index of the first call whose input or output held NaN/Inf, or None."""
-        if not self._finite:
+        first = self._watch.first_step
+        if first is None:
             return None
-        bad = (~torch.stack(self._finite).cpu()).nonzero()
-        return int(bad[0, 0]) if bad.numel() else None
+        call = int(first)
+        return call if call >= 0 else None
 
     def first_nonfinite_step(self) -> int | None:
         """The sampling step of that call (its call index when no scheduler was given), or None."""

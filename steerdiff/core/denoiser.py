@@ -38,6 +38,7 @@ import torch
 
 from ..config import check_guidance_scale
 from .guidance_protocol import COND, UNCOND, GuidanceState, Request, apply_rule
+from .nonfinite import NonFiniteWatch
 from .prediction import check_prediction_type, convert_prediction, to_eps, to_x0
 from .process import NoiseProcess
 
@@ -125,6 +126,7 @@ class Denoiser:
             raise ValueError("guidance needs a conditional network (one with a null / unconditional input)")
         self.cond = cond
         self.check_finite = bool(check_finite)
+        self._watches: dict[str, NonFiniteWatch] = {}
         self.network_calls = 0
         self.network_evaluations = 0
         self.skipped_calls = 0  # evaluations whose rule needed no prediction at all (the network was not run)
@@ -181,8 +183,7 @@ class Denoiser:
             state = GuidanceState(self.process, t, x, self.prediction_type, k, alpha=alpha, sigma=sigma,
                                   num_steps=self._num_steps)
             out = apply_rule(self.rule, state, lambda request: self._evaluate(x, t, cond, k, request))
-            if self.check_finite and not bool(torch.isfinite(out).all()):
-                self._raise(out, f"the guided prediction of {self.rule!r}", k, t, batch)
+            self._finite(out, k, t, batch, what=f"the guided prediction of {self.rule!r}")
         if step is None:
             self._step += 1
         return out
@@ -225,26 +226,19 @@ class Denoiser:
 
     def _finite(self, out: torch.Tensor, k: int, t: torch.Tensor, batch: int, uncond_index=None,
                 what: str = "the network output", rows=None) -> None:
-        if self.check_finite and not bool(torch.isfinite(out).all()):
-            if rows is not None:  # a perturbed prediction of some samples: count those samples
-                bad = torch.zeros(batch, dtype=torch.bool, device=out.device)
-                bad[rows] = ~torch.isfinite(out.flatten(1)).all(dim=1)
-                raise FloatingPointError(
-                    f"{what} holds NaN/Inf at evaluation {k} (timestep {float(t[0]):g}) in {int(bad.sum())} of {batch} samples"
-                )
-            self._raise(out, what, k, t, batch, uncond_index)
-
-    def _raise(self, out: torch.Tensor, what: str, k: int, t: torch.Tensor, batch: int, uncond_index=None) -> None:
-        """Name the evaluation, the timestep and how many samples (not rows of a CFG batch) went bad."""
-        bad_rows = ~torch.isfinite(out.flatten(1)).all(dim=1)
-        bad = bad_rows[-batch:].clone()
-        n = bad_rows.numel() - batch
-        if n:  # the first n rows were unconditional rows of samples uncond_index (all samples when None)
-            index = torch.arange(batch, device=bad.device) if uncond_index is None else uncond_index
-            bad[index] |= bad_rows[:n]
-        raise FloatingPointError(
-            f"{what} holds NaN/Inf at evaluation {k} (timestep {float(t[0]):g}) in {int(bad.sum())} of {batch} samples"
-        )
+        """With ``check_finite``: NaN/Inf in ``out`` is an error naming the evaluation, the timestep and how many
+        samples went bad (:class:`~.nonfinite.NonFiniteWatch`).  ``out`` is one row per sample, [uncond rows of
+        ``uncond_index`` (all samples when None); cond rows], or the rows ``rows`` of a perturbed prediction."""
+        if not self.check_finite:
+            return
+        row_samples = rows
+        if rows is None and out.shape[0] != batch:
+            everyone = torch.arange(batch, device=out.device)
+            row_samples = torch.cat([everyone if uncond_index is None else uncond_index.to(out.device), everyone])
+        watch = self._watches.get(what)
+        if watch is None:
+            watch = self._watches[what] = NonFiniteWatch("eager", what, unit="evaluation")
+        watch.update(k, out, t, batch=batch, row_samples=row_samples)
 
     def predict(self, x: torch.Tensor, t, alpha=None, sigma=None, step: int | None = None) -> Prediction:
         """The guided prediction at (x, t) with its conversions (``.output``, ``.x0``, ``.eps``, ``.as_(space)``)."""

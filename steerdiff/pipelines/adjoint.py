@@ -65,6 +65,7 @@ from torch import nn
 
 from ..core.denoiser import Denoiser, Prediction
 from ..core.grid import Grid, make_grid
+from ..core.nonfinite import NonFiniteWatch
 from ..core.prediction import check_prediction_type
 from ..core.process import NoiseProcess, as_config, noise_process_from_config, prediction_type_from_config
 from ..core.steps import dpm_solver_2m_eps, euler_step, step_ratio
@@ -184,22 +185,6 @@ def _direction(grid: Grid, order: int, i: int, eps: torch.Tensor, eps_prev: torc
     return dpm_solver_2m_eps(eps, eps_prev, grid.ratio(i))
 
 
-class _NonFiniteWatch:
-    """The first step at which some tensor held NaN/Inf, tracked on the device: no host sync inside the loop."""
-
-    def __init__(self, device):
-        self.first = torch.full((), -1, dtype=torch.long, device=device)
-
-    def update(self, step: int, tensors: Sequence[torch.Tensor]) -> None:
-        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-        self.first = torch.where((self.first < 0) & ~finite, step, self.first)
-
-    def check(self, message: Callable[[int], str]) -> None:
-        step = int(self.first)
-        if step >= 0:
-            raise FloatingPointError(message(step))
-
-
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -242,7 +227,7 @@ class _Problem:
     def forward(self, x: torch.Tensor, order: int, keep: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None):
         """Integrate from grid point 0 to N; ``keep(i, x_i, eps_i)`` sees each state and its eps."""
         g, n = self.grid, self.grid.num_steps
-        watch = _NonFiniteWatch(x.device)
+        watch = NonFiniteWatch("deferred")
         eps_prev = None
         for i in range(n):
             pred = self.predict(x, i)
@@ -252,7 +237,7 @@ class _Problem:
                 keep(i, x, eps)
             x = g.euler(i, x, _direction(g, order, i, eps, eps_prev), pred)
             eps_prev = eps
-        watch.check(lambda i: f"the model output (guided eps) has NaN/Inf at step {i} (timestep {float(g.t[i]):g})")
+        watch.finish(lambda i: f"the model output (guided eps) has NaN/Inf at step {i} (timestep {float(g.t[i]):g})")
         return x
 
 
@@ -283,7 +268,7 @@ def _checkpoint(problem: _Problem, x_T: torch.Tensor, order: int, seed_grad):
     loss, cot_x = seed_grad(x0, graph=False)
     cot_eps = None  # dL/d eps_i from step i + 1's second-order combination
     acc_cond, acc_params = None, None
-    watch = _NonFiniteWatch(x_T.device)
+    watch = NonFiniteWatch("deferred")
     for i in reversed(range(n)):
         with torch.enable_grad():
             x = xs[i].detach().requires_grad_(True)
@@ -303,7 +288,7 @@ def _checkpoint(problem: _Problem, x_T: torch.Tensor, order: int, seed_grad):
         acc_cond = d_cond if acc_cond is None else acc_cond + d_cond
         acc_params = d_params if acc_params is None else [a + d for a, d in zip(acc_params, d_params)]
         watch.update(i, [cot_x])
-    watch.check(lambda i: f"the gradient dL/dx is NaN/Inf at step {i} (timestep {float(g.t[i]):g}) of the backward pass")
+    watch.finish(lambda i: f"the gradient dL/dx is NaN/Inf at step {i} (timestep {float(g.t[i]):g}) of the backward pass")
     return x0, loss, [cot_x] + ([acc_cond] if acc_cond is not None else []) + acc_params, state_bytes
 
 
@@ -332,13 +317,13 @@ def _adjoint(problem: _Problem, x_T: torch.Tensor, order: int, seed_grad):
             # the transposed Euler steps need only the velocity here; the continuous adjoint its whole derivative
             deriv = [pred.as_(form.network_space).detach()] if transposed else _adjoint_derivative(problem, x, pred, a, n - 1)
     state_bytes = 0
-    watch = _NonFiniteWatch(x_T.device)
+    watch = NonFiniteWatch("deferred")
     watch.update(n - 1, [a, *([a_cond] if a_cond is not None else []), *a_params])
     x = x.detach()
     prev = None  # the augmented derivative at the previous (higher-lambda) backward point
     if transposed:
         a, a_cond, a_params, state_bytes = _transposed_euler(problem, x, deriv[0] if n > 1 else None, a, a_cond, a_params, watch)
-        watch.check(lambda k: _adjoint_nonfinite(problem, k))
+        watch.finish(lambda k: _adjoint_nonfinite(problem, k))
         return x0, loss, [a] + ([a_cond] if a_cond is not None else []) + a_params, state_bytes
     for k in range(n - 1, 0, -1):  # from grid point k to k - 1
         direction = deriv
@@ -357,7 +342,7 @@ def _adjoint(problem: _Problem, x_T: torch.Tensor, order: int, seed_grad):
                 xk = x.requires_grad_(True)
                 deriv = _adjoint_derivative(problem, xk, problem.predict(xk, k - 1), a, k - 1)
             x = x.detach()
-    watch.check(lambda k: _adjoint_nonfinite(problem, k))
+    watch.finish(lambda k: _adjoint_nonfinite(problem, k))
     return x0, loss, [form.grad_x(a, 0)] + ([a_cond] if a_cond is not None else []) + a_params, state_bytes
 
 

@@ -212,6 +212,7 @@ class GuidanceHook:
                 f"{type(scheduler).__name__} has timestep_type={config.get('timestep_type')!r}"
             )
         self.pipe, self.rule, self.check_finite = pipe, rule, bool(check_finite)
+        self._watches = (NonFiniteWatch("eager", "the network output"), NonFiniteWatch("eager", f"the guided prediction of {rule!r}"))
         self._check_perturbations()
         self.schedule = process
         self.prediction_type = prediction_type_from_config(scheduler)
@@ -373,10 +374,10 @@ class GuidanceHook:
         """One reduction over what the pipeline receives (NaN/Inf in a prediction reaches it through every rule: the
         sum is NaN/Inf whenever an entry is, and rarely on overflow, which the exact check then clears); the network
         outputs are read only to word the error."""
-        if self.check_finite and not math.isfinite(float(guided.sum())) and not bool(torch.isfinite(guided).all()):
-            # the step, its timestep and how many samples (not CFG rows) went bad
-            NonFiniteWatch("eager", "the network output").update(self._step, torch.cat(predictions), timestep, batch=batch)
-            NonFiniteWatch("eager", f"the guided prediction of {self.rule!r}").update(self._step, guided, timestep, batch=batch)
+        if self.check_finite and not math.isfinite(float(guided.sum())):
+            # the step, its timestep and how many samples (not CFG rows) went bad: the network's outputs first
+            self._watches[0].update(self._step, torch.cat(predictions), timestep, batch=batch)
+            self._watches[1].update(self._step, guided, timestep, batch=batch)
 
     def _forward(self, module, inner, names, *args, **kwargs):
         bound = dict(zip(names, args))

@@ -40,7 +40,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 
 from ..core.grid import Grid, make_grid
-from ..core.nonfinite import NonFiniteWatch
+from ..core.nonfinite import NonFiniteWatch, finish_earliest
 from ..core.process import noise_process_from_config, prediction_type_from_config
 from ..core.sde import ancestral_step, sample_noise
 from ..core.tensors import batch_norm, expand_to
@@ -220,6 +220,8 @@ class RestorationPipeline(DiffusionPipeline):
         residuals, calls = [], 0
         what = "the guided model output" if denoiser.guided else "the model output"
         watch = NonFiniteWatch(nonfinite_check, what, len(timesteps))
+        update_watch = NonFiniteWatch(nonfinite_check, f"the restored samples after {type(method).__name__}'s update "
+                                      "(the model output was finite; a smaller step_size may help)", len(timesteps))
         for i, t in enumerate(self.progress_bar(timesteps)):
             a, s = alphas[i], sigmas[i]
             x = self.scheduler.scale_model_input(state, t) if sampler == "scheduler" else state  # the VP sample
@@ -248,10 +250,11 @@ class RestorationPipeline(DiffusionPipeline):
                     z = sample_noise(x.shape, generator, device, dtype)
                     noised_y = expand_to(alphas[i + 1], y) * y + expand_to(sigmas[i + 1], y) * operator.forward(z)
             x_next = method.update(x_next, x, residual, operator, noised_y)
+            update_watch.update(i, x_next.detach(), t)
             state = x_next.detach() / expand_to(scale[i + 1], x_next)
 
-        watch.finish()
-        if not bool(torch.isfinite(state).all()):
+        finish_earliest(watch, update_watch)
+        if not bool(torch.isfinite(state).all()):  # also with nonfinite_check="off": nothing non-finite is returned
             raise FloatingPointError(
                 f"the restored samples have {int((~torch.isfinite(state)).sum())} NaN/Inf values: the model output "
                 "or a guidance step diverged (check the model, or lower the method's step_size)"

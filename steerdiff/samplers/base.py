@@ -54,7 +54,7 @@ from ..core.grid import FINAL_SIGMAS_TYPES, Grid, check_choice, resolve_grid
 from ..core.prediction import convert_prediction, to_eps, to_x0
 from ..core.flow import flow_grid_of_config
 from ..core.process import FLOW_KEYS, NOISE_PROCESSES, VP_KEYS, as_config, noise_process_family, noise_process_from_config, prediction_type_from_config
-from ..core.nonfinite import NonFiniteWatch
+from ..core.nonfinite import NonFiniteWatch, finish_earliest
 from ..core.steps import euler_step
 from ..core.tensors import expand_to
 from ..core.timesteps import TIMESTEP_SPACINGS
@@ -366,13 +366,7 @@ class MomentumScheduler(SchedulerMixin, ConfigMixin):
     def _raise_deferred_nonfinite(self) -> None:
         """The earlier of the two deferred findings: bad model output at step i also spoils the update at i, so the
         model output is named unless the update went bad at an earlier step (one host read of two numbers)."""
-        model, update = self._nonfinite, self._update_watch
-        if model.first_step is not None and update.first_step is not None:
-            m, u = torch.stack([model.first_step, update.first_step]).tolist()
-            if u >= 0 and (m < 0 or u < m):
-                update.finish()
-        model.finish()
-        update.finish()
+        finish_earliest(self._nonfinite, self._update_watch)
 
 
 class AdamsBashforthScheduler(MomentumScheduler):
