@@ -74,7 +74,7 @@ def _snapshot(run: Path) -> dict[Path, tuple[int, str]]:
 
 def test_killed_run_resumes_without_recomputing(tmp_path, tiny_model_dir):
     config = _write_config(tmp_path / "resume.yaml", tiny_model_dir, tmp_path / "killed", metrics=("divergence", "fd"),
-                           schedulers=["ddim", "dpmpp_2m"], nfe=[4, 6], num_samples=24, batch_size=6)
+                           schedulers=["ddim", "dpmpp_2m"], nfe=[4, 6], num_samples=12, batch_size=3)
     cmd = [sys.executable, "-m", "steerdiff", "benchmark", "--config", str(config)]
     run = tmp_path / "killed"
 

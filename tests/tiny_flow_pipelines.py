@@ -143,5 +143,5 @@ def flow_pipeline_call(name: str, steps: int = 4, seed: int = 0) -> dict:
         return dict(prompt_embeds=_embeds(1, 6, 8, seed=1), prompt_attention_mask=torch.ones(1, 6, dtype=torch.long),
                     negative_prompt=None, negative_prompt_embeds=_embeds(1, 6, 8, seed=2),
                     negative_prompt_attention_mask=torch.ones(1, 6, dtype=torch.long),
-                    guidance_scale=4.5, height=32, width=32, **common)
+                    guidance_scale=4.5, height=32, width=32, use_resolution_binning=False, **common)  # binning: 1024 px
     raise ValueError(f"unknown pipeline {name!r}; one of {sorted(FLOW_PIPELINES)}")
