@@ -283,3 +283,30 @@ def test_a_diverging_update_is_named_at_its_step(tiny64):
     with pytest.raises(FloatingPointError, match=r"the restored samples after Exploding's update \(the model output was finite.*\) holds NaN/Inf at step 0 of 2"):
         pipeline(tiny64, DDPMScheduler(), Exploding())(
             torch.zeros(1, 1, 8, 8, dtype=F64), Inpainting(box_mask((8, 8))), num_inference_steps=2, generator=gens(0))
+
+
+def test_a_dynamic_shift_scheduler_is_refused_before_sampling():
+    """A flow scheduler that needs a pipeline's mu (use_dynamic_shifting) has no rule here: a clear error naming the
+    way out, not diffusers' missing-mu error from inside set_timesteps; a static shift runs."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    y = torch.zeros(1, 1, 4, 4, dtype=F64)
+    dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    prior = gaussian_prior(0.0, 1.0, FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ValueError, match=r"sampler='scheduler': FlowMatchEulerDiscreteScheduler shifts its grid .* use a static shift"):
+        pipeline(prior, dynamic, DPS())(y, Inpainting(box_mask((4, 4))), sampler="scheduler", num_inference_steps=2)
+    # a static shift runs (FlowMatchEulerDiscreteScheduler has no init_noise_sigma nor scale_model_input: the state
+    # is x), and without guidance it is the scheduler's own loop
+    from steerdiff.guidance import Unconditional
+
+    static = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    prior = gaussian_prior(0.5, 0.3, static)
+    latents = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    out = pipeline(prior, static, Unconditional())(y, Inpainting(box_mask((4, 4))), sampler="scheduler", latents=latents,
+                                                   num_inference_steps=3, output_type="latent").images
+    own = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    own.set_timesteps(3)
+    x = latents
+    for t in own.timesteps:
+        x = own.step(prior(x, t).sample, t, x).prev_sample
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-12)

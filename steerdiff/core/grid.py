@@ -107,7 +107,7 @@ def make_grid(process: NoiseProcess, timesteps, sigmas=None, device=None) -> Gri
         s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
         if s.shape != t.shape:
             raise ValueError(f"sigmas must have one entry per grid point ({t.numel()}), got shape {tuple(s.shape)}")
-        alpha, sigma = 1.0 - s, s
+        alpha, sigma = process.alpha_sigma_of_sigmas(s)
     if not bool(torch.isfinite(alpha).all() & torch.isfinite(sigma).all()):
         raise ValueError("the grid's noise levels must be finite")
     if process.kind == "flow" and not bool(((sigma >= 0) & (sigma <= 1)).all()):

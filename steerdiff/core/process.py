@@ -215,6 +215,16 @@ class NoiseProcess:
     def timestep_from_sigma_bar(self, sigma_bar, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return self.timestep_from_lambda(-torch.log(torch.as_tensor(sigma_bar, dtype=torch.float64)), dtype)
 
+    def alpha_sigma_of_sigmas(self, sigmas) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, sigma) in float64 at the noise levels a scheduler or a k-diffusion caller calls ``sigmas``: on VP
+        processes sigma_bar = sigma / alpha (diffusers' Euler / DPM-Solver ``sigmas``, k-diffusion's sigma), so
+        alpha = 1 / sqrt(1 + sigma_bar^2); on flow processes s itself (alpha = 1 - s)."""
+        level = torch.as_tensor(sigmas).to(torch.float64)
+        if self.kind == "flow":
+            return 1.0 - level, level
+        alpha = torch.rsqrt(1.0 + level * level)
+        return alpha, level * alpha
+
 
 __all__ = [
     "FLOW_KEYS", "NOISE_PROCESSES", "NoiseProcess", "VP_KEYS", "as_config", "noise_process_family",

@@ -57,6 +57,11 @@ class VarianceExplodingSigma(NoiseProcess):
         """t = sigma_bar = sigma, exactly."""
         return torch.as_tensor(sigma_bar, dtype=torch.float64).to(dtype)
 
+    def alpha_sigma_of_sigmas(self, sigmas) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha = 1 and sigma itself."""
+        level = torch.as_tensor(sigmas).to(torch.float64)
+        return torch.ones_like(level), level
+
     def __repr__(self) -> str:
         return "VarianceExplodingSigma()"
 

@@ -185,12 +185,8 @@ class GuidedDenoiser:
 
     def _levels(self, x: torch.Tensor, sigma: torch.Tensor):
         """(x in the process's convention, alpha, sigma) of k-diffusion's x at ``sigma`` (B,) float64."""
-        if self.process.kind == "vp":
-            alpha = torch.rsqrt(1.0 + sigma**2)
-            return x * expand_to(alpha, x).to(x.dtype), alpha, sigma * alpha
-        if self.process.kind == "flow":
-            return x, 1.0 - sigma, sigma
-        return x, torch.ones_like(sigma), sigma
+        alpha, sigma_p = self.process.alpha_sigma_of_sigmas(sigma)
+        return (x * expand_to(alpha, x).to(x.dtype) if self.process.kind == "vp" else x), alpha, sigma_p
 
     # -- the call ---------------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, sigma, cond=None, uncond=None, **extra_args) -> torch.Tensor:

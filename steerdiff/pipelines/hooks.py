@@ -366,7 +366,8 @@ class GuidanceHook:
                 self._sigmas = (sched.sigmas, sched.sigmas.tolist())
             s = self._sigmas[1][index]
             t = s * self.schedule.num_train_timesteps
-            return GuidanceState(self.schedule, t, sample, self.prediction_type, self._step, alpha=1.0 - s, sigma=s,
+            alpha, sigma = self.schedule.alpha_sigma_of_sigmas(s)
+            return GuidanceState(self.schedule, t, sample, self.prediction_type, self._step, alpha=alpha, sigma=sigma,
                                  num_steps=self._num_steps)
         return GuidanceState(self.schedule, timestep, sample, self.prediction_type, self._step, num_steps=self._num_steps)
 

@@ -122,22 +122,18 @@ class RestorationPipeline(DiffusionPipeline):
         ts = sched.timesteps
         sigmas = getattr(sched, "sigmas", None)
         has_sigmas = torch.is_tensor(sigmas) and sigmas.numel() == ts.numel() + 1
-        if has_sigmas and process.kind == "flow":
-            s = sigmas.to(device=self.device, dtype=torch.float64)
-            levels = 1.0 - s, s
-        elif has_sigmas:
-            sb = sigmas.to(device=self.device, dtype=torch.float64)
-            alphas = torch.rsqrt(1 + sb * sb)
-            levels = alphas, sb * alphas
+        if has_sigmas:  # flow s, or VP sigma_bar
+            levels = process.alpha_sigma_of_sigmas(sigmas.to(self.device))
         else:
             levels = process.alpha_sigma(with_final(ts.to(self.device)))
-        if float(sched.init_noise_sigma) == 1.0:
+        init = float(getattr(sched, "init_noise_sigma", 1.0))  # flow-matching schedulers start from unscaled noise
+        if init == 1.0:
             scale = torch.ones_like(levels[0])
         elif has_sigmas and process.kind == "vp":
             scale = levels[0]
         else:
             raise ValueError(
-                f"{type(sched).__name__} scales its state (init_noise_sigma = {float(sched.init_noise_sigma)}) without "
+                f"{type(sched).__name__} scales its state (init_noise_sigma = {init}) without "
                 "exposing the sigmas of its steps; use sampler='ancestral' or a variance-preserving scheduler"
             )
         return ts, *levels, scale
@@ -189,6 +185,12 @@ class RestorationPipeline(DiffusionPipeline):
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if method.takes_own_step and sampler != "ancestral":
             raise ValueError(f"{type(method).__name__} takes its own DDIM step; use sampler='ancestral'")
+        if sampler == "scheduler" and self.scheduler.config.get("use_dynamic_shifting"):
+            raise ValueError(
+                f"sampler='scheduler': {type(self.scheduler).__name__} shifts its grid by the mu a pipeline computes from "
+                "its image sequence length (use_dynamic_shifting=True), which a restoration run has no rule for; use a "
+                "static shift (use_dynamic_shifting=False, shift=...) or sampler='ancestral'"
+            )
         check_call_arguments(num_inference_steps, guidance_scale, output_type)
         if guidance_rule is not None and guidance_scale != 1.0:
             raise ValueError("give guidance_scale or guidance_rule, not both (the rule sets the guidance)")
@@ -216,7 +218,7 @@ class RestorationPipeline(DiffusionPipeline):
         denoiser.reset(timesteps)
         state = latents.to(device, dtype)
         if sampler == "scheduler":
-            state = state * self.scheduler.init_noise_sigma
+            state = state * getattr(self.scheduler, "init_noise_sigma", 1.0)
         residuals, calls = [], 0
         what = "the guided model output" if denoiser.guided else "the model output"
         watch = NonFiniteWatch(nonfinite_check, what, len(timesteps))
@@ -224,7 +226,8 @@ class RestorationPipeline(DiffusionPipeline):
                                       "(the model output was finite; a smaller step_size may help)", len(timesteps))
         for i, t in enumerate(self.progress_bar(timesteps)):
             a, s = alphas[i], sigmas[i]
-            x = self.scheduler.scale_model_input(state, t) if sampler == "scheduler" else state  # the VP sample
+            scale_input = getattr(self.scheduler, "scale_model_input", None)  # flow schedulers have none: x is the state
+            x = scale_input(state, t) if sampler == "scheduler" and scale_input is not None else state  # the VP sample
             with torch.set_grad_enabled(method.uses_gradient):
                 x = x.detach().requires_grad_(method.uses_gradient)
                 pred = denoiser.predict(x, t, a, s, step=i)
