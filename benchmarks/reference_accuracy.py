@@ -20,7 +20,7 @@ import time
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from steerdiff.benchmark.guidance import ClassifierFreeGuidance
+from steerdiff.pipelines.calling import GuidancePlan
 from steerdiff.core import sample_dpmpp_2m, spaced_timesteps, with_final
 from steerdiff.metrics.reference_error import DEFAULT_RTOL, reference_solution
 from steerdiff.testbeds.mixture import GaussianMixtureDenoiser, fit_digits_mixture
@@ -67,7 +67,7 @@ def digits_mixture(kind: str, samples: int, scale: float) -> None:
     gen = torch.Generator().manual_seed(0)
     x_T = torch.randn(samples, 1, 8, 8, generator=gen, dtype=F64)
     labels = torch.arange(samples) % 10
-    fn = ClassifierFreeGuidance(scale).model_fn(model, labels, process, pt)
+    fn = GuidancePlan({}, scale=scale).model_fn(model, labels, process, pt)
     start = time.perf_counter()
     ref = reference_solution(fn, x_T, process, pt)
     seconds = time.perf_counter() - start

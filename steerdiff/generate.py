@@ -24,28 +24,29 @@ import importlib.util
 import inspect
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from .atomic_io import atomic_write, atomic_write_text
-from .config import DTYPE_NAMES, ConfigError, Spec, StrictModel, check_guidance_scale, load_config, torch_dtype
+from .config import DTYPE_NAMES, ConfigError, Spec, StrictModel, load_config, torch_dtype
 from .devices import check_device
+from .image_files import finished_image, image_grid, images_folder, png_info, to_pil
+from .pipelines.calling import (
+    CALL_FIELDS, PipelineKind, check_call_kwargs, check_image_file, check_steps,
+    load_any_pipeline, load_prompts, num_classes, pipeline_kind, plan_guidance, planned_scheduler, resolve_pipeline_class,
+    resolve_prompts,
+)
 from .run_folder import check_output_file, check_writable_folder
 
-PROMPT_SUFFIXES = (".txt", ".jsonl")
 # the default scheduler where a pipeline passes its own sigmas (Qwen-Image): DPM-Solver++ 2M on steerdiff's core
 DEFAULT_ON_OWN_SIGMAS = Spec(name="dpmpp_2m_hb", kwargs={"beta": 1.0})
-# pipeline call arguments set from their own config fields, never from call_kwargs
-CALL_FIELDS = frozenset({"prompt", "negative_prompt", "class_labels", "batch_size", "generator", "num_inference_steps",
-                         "output_type", "image", "mask_image", "strength", "height", "width"})
 
 
 class GenerateConfig(StrictModel):
@@ -107,166 +108,9 @@ class GenerateConfig(StrictModel):
 
 
 # -- images ----------------------------------------------------------------------------------------------------------
-def image_grid(images: np.ndarray, rows: int, upscale: int = 1, gap: int = 1) -> Image.Image:
-    """Tile (N, H, W, C) images in [0, 1] into ``rows`` rows, each nearest-neighbour upscaled, with ``gap`` white
-    pixels between cells (so that neighbouring images do not run together)."""
-    n, h, w, c = images.shape
-    cols = -(-n // rows)
-    big = np.repeat(np.repeat(images, upscale, axis=1), upscale, axis=2) if upscale > 1 else images
-    hh, ww = h * upscale, w * upscale
-    grid = np.ones((rows * hh + (rows - 1) * gap, cols * ww + (cols - 1) * gap, c), dtype=np.float64)
-    for i, img in enumerate(big):
-        r, k = divmod(i, cols)
-        top, left = r * (hh + gap), k * (ww + gap)
-        grid[top : top + hh, left : left + ww] = img
-    return to_pil(grid)
-
-
-def to_pil(image: np.ndarray) -> Image.Image:
-    """(H, W, C) in [0, 1] -> an 8-bit PIL image (grey for one channel)."""
-    u8 = (np.asarray(image, dtype=np.float64) * 255).round().clip(0, 255).astype(np.uint8)
-    return Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8)
-
-
-def check_steps(scheduler, steps: int) -> None:
-    """Lay the grid out once before sampling: a scheduler that cannot take ``steps`` distinct steps (a discrete
-    training schedule has num_train_timesteps of them) is an error now, not an IndexError mid-run."""
-    from .samplers.registry import lay_out
-
-    try:
-        lay_out(scheduler, steps)
-    except (ValueError, IndexError) as err:
-        raise ValueError(f"steps={steps}: {type(scheduler).__name__} cannot lay out that many steps ({err})") from None
-    timesteps = scheduler.timesteps
-    deliberate = 1 if scheduler.config.get("skip_prk_steps") else 0  # PLMS repeats one timestep by design
-    if len(timesteps) - len(torch.unique(timesteps)) > deliberate:
-        limit = scheduler.config.get("num_train_timesteps")
-        raise ValueError(
-            f"steps={steps}: {type(scheduler).__name__} repeats timesteps at this many steps"
-            + (f" (the model has num_train_timesteps={limit}; use at most {limit})" if limit else "")
-        )
 
 
 # -- conditioning ----------------------------------------------------------------------------------------------------
-def load_prompts(value: list[str] | str, what: str = "prompts") -> list[dict[str, str | None]]:
-    """``[{"prompt", "negative_prompt"}]`` from a list, a ``.txt`` file (one prompt per non-empty line) or a
-    ``.jsonl`` file (one object per line with a string ``prompt`` and optionally ``negative_prompt``)."""
-    if isinstance(value, list):
-        if not all(isinstance(p, str) and p.strip() for p in value):
-            raise ConfigError(f"{what}: every prompt must be a non-empty string")
-        return [{"prompt": p, "negative_prompt": None} for p in value]
-    path = Path(value).expanduser()
-    if path.suffix not in PROMPT_SUFFIXES:
-        raise ConfigError(f"{what}: {value!r} is neither a list of prompts nor a file ending in {' or '.join(PROMPT_SUFFIXES)}")
-    if not path.is_file():
-        raise ConfigError(f"{what}: prompt file {str(path)!r} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what}: prompt file {str(path)!r} is not UTF-8 text") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".txt":
-            out.append({"prompt": line.strip(), "negative_prompt": None})
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{what}: {str(path)!r} line {n} is not JSON ({err.msg})") from None
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
-            raise ConfigError(f"{what}: {str(path)!r} line {n} must be an object with a non-empty string \"prompt\"")
-        unknown = sorted(set(item) - {"prompt", "negative_prompt"})
-        if unknown:
-            raise ConfigError(f"{what}: {str(path)!r} line {n} has unknown keys {unknown}; allowed: prompt, negative_prompt")
-        negative = item.get("negative_prompt")
-        if negative is not None and not isinstance(negative, str):
-            raise ConfigError(f"{what}: {str(path)!r} line {n}: negative_prompt must be a string")
-        out.append({"prompt": item["prompt"], "negative_prompt": negative})
-    if not out:
-        raise ConfigError(f"{what}: prompt file {str(path)!r} holds no prompts")
-    return out
-
-
-def resolve_prompts(prompts: list[str] | str, negative_prompts: list[str] | str | None = None) -> list[dict[str, str | None]]:
-    """``[{"prompt", "negative_prompt"}]``: the prompts (a list or a file) with ``negative_prompts`` (one string for
-    all, or a list / file with one per prompt) filled in where a ``.jsonl`` line gave none."""
-    out = load_prompts(prompts, "prompts")
-    if negative_prompts is None:
-        return out
-    if isinstance(negative_prompts, str) and Path(negative_prompts).suffix not in PROMPT_SUFFIXES:
-        negative_prompts = [negative_prompts]
-    negatives = [n["prompt"] for n in load_prompts(negative_prompts, "negative_prompts")]
-    if len(negatives) == 1:
-        negatives = negatives * len(out)
-    if len(negatives) != len(out):
-        raise ConfigError(f"negative_prompts: give one, or one per prompt ({len(out)}); got {len(negatives)}")
-    for p, n in zip(out, negatives):
-        p["negative_prompt"] = p["negative_prompt"] or n
-    return out
-
-
-@dataclass
-class PipelineKind:
-    """What a pipeline class takes, read from its ``__call__`` signature before any weights are loaded."""
-
-    cls: type
-    kind: Literal["class", "text", "unconditional"]
-    params: frozenset = field(default_factory=frozenset)
-
-    @property
-    def name(self) -> str:
-        return self.cls.__name__
-
-    def takes(self, param: str) -> bool:
-        return param in self.params
-
-
-def pipeline_kind(cls: type) -> PipelineKind:
-    from .pipelines.class_conditional import ClassConditionalPipeline
-
-    params = frozenset(inspect.signature(cls.__call__).parameters)
-    if issubclass(cls, ClassConditionalPipeline) or "class_labels" in params:
-        kind = "class"
-    elif "prompt" in params:
-        kind = "text"
-    else:
-        kind = "unconditional"
-    return PipelineKind(cls, kind, params)
-
-
-def resolve_pipeline_class(model: str) -> tuple[type, Path | None]:
-    """The pipeline class of a built-in name or a local folder, and the folder (None for built-ins): no weights
-    are read.  A folder that is not a pipeline or model folder is an error naming what it lacks."""
-    import diffusers
-
-    from .pipelines.class_conditional import ClassConditionalPipeline
-    from .pipelines.loading import BUILTIN_MODELS
-
-    if model in BUILTIN_MODELS:
-        return ClassConditionalPipeline, None
-    root = Path(model).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"model: {model!r} is neither a built-in model {BUILTIN_MODELS} nor an existing folder")
-    index = root / "model_index.json"
-    if not index.is_file():
-        if (root / "config.json").is_file():  # a class-conditional model folder (UNet2DModel / mixture)
-            return ClassConditionalPipeline, root
-        raise ConfigError(
-            f"model: folder {str(root)!r} is not a diffusers pipeline (no model_index.json) nor a model folder "
-            "(no config.json); save one with pipe.save_pretrained(folder)"
-        )
-    try:
-        name = json.loads(index.read_text()).get("_class_name")
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"model: {str(index)!r} is not valid JSON ({err.msg})") from None
-    if name == "ClassConditionalPipeline":
-        return ClassConditionalPipeline, root
-    cls = getattr(diffusers, str(name), None)
-    if not isinstance(cls, type) or not issubclass(cls, diffusers.DiffusionPipeline):
-        raise ConfigError(f"model: {str(index)!r} names pipeline class {name!r}, which diffusers {diffusers.__version__} does not have")
-    return cls, root
 
 
 def check_conditioning(cfg: GenerateConfig, kind: PipelineKind) -> None:
@@ -318,18 +162,6 @@ def check_conditioning(cfg: GenerateConfig, kind: PipelineKind) -> None:
             raise ConfigError(f"attention: xformers runs on CUDA only, device is {cfg.device!r}; use attention: sdpa")
 
 
-def check_image_file(path: str, key: str) -> None:
-    """``path`` is an image file PIL can decode (its pixels are read: a truncated file is found now)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"{key}: image file {path!r} does not exist")
-    try:
-        with Image.open(file) as im:
-            im.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ConfigError(f"{key}: {path!r} is not an image PIL can read ({type(err).__name__}: {err})") from None
-
-
 def check_strength(cfg: GenerateConfig, kind: PipelineKind) -> None:
     """img2img / inpainting run int(steps x strength) denoising steps: zero of them is refused."""
     if not kind.takes("strength"):
@@ -342,33 +174,6 @@ def check_strength(cfg: GenerateConfig, kind: PipelineKind) -> None:
         need = math.ceil(1 / strength - 1e-12)
         raise ConfigError(f"strength: {kind.name} runs int(steps x strength) denoising steps, and steps={cfg.steps} x "
                           f"strength={strength} makes none; use steps >= {need} or a larger strength")
-
-
-def check_call_kwargs(kind: PipelineKind, call_kwargs: dict[str, Any]) -> None:
-    """Each value has the type the pipeline's signature annotates (pydantic's lax rules: "0.5" is a float); an
-    argument that takes tensors or images only cannot come from a config."""
-    import typing
-
-    from pydantic import ConfigDict, TypeAdapter, ValidationError
-
-    try:
-        hints = typing.get_type_hints(kind.cls.__call__)
-    except Exception:  # annotations this Python cannot evaluate: the pipeline checks its own inputs
-        return
-    for key, value in call_kwargs.items():
-        hint = hints.get(key)
-        if hint is None or hint is Any:
-            continue
-        try:
-            TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True)).validate_python(value)
-        except ValidationError:
-            raise ConfigError(f"call_kwargs.{key}: {kind.name} takes {_type_name(hint)}, got {value!r}") from None
-        except Exception:  # a type pydantic cannot check
-            continue
-
-
-def _type_name(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 # -- the job ---------------------------------------------------------------------------------------------------------
@@ -412,64 +217,6 @@ def plan_items(cfg: GenerateConfig, kind: PipelineKind, num_classes: int | None)
     return [Item(i) for i in range(n)], max(1, int(math.sqrt(n)))
 
 
-@dataclass
-class GuidancePlan:
-    """How the pipeline is called for ``cfg.guidance``: keyword arguments, and a rule for guide() (or None)."""
-
-    kwargs: dict[str, Any]
-    rule: Any = None
-    negative_default: str | None = None  # true-CFG pipelines (Flux, Qwen-Image) guide only with a negative prompt
-
-
-def plan_guidance(spec: Spec | None, kind: PipelineKind) -> GuidancePlan:
-    if spec is None:
-        return GuidancePlan({})
-    if kind.kind == "unconditional":
-        raise ConfigError(f"guidance: {kind.name} is unconditional and takes no guidance; set guidance: null")
-    true_cfg = kind.takes("true_cfg_scale")
-    key = "true_cfg_scale" if true_cfg else "guidance_scale"
-    if not kind.takes(key):
-        raise ConfigError(f"guidance: {kind.name} takes no guidance_scale; set guidance: null")
-    from .guidance import get_rule
-    from .pipelines.class_conditional import ClassConditionalPipeline
-    from .pipelines.hooks import CFG_ON, SUPPORTED_PIPELINES
-
-    hookable = kind.kind == "class" or any(c.__name__ in SUPPORTED_PIPELINES for c in kind.cls.__mro__)
-    if spec.name == "cfg" and not isinstance(spec.scale, dict) and set(spec.kwargs) <= {"scale"}:
-        try:
-            scale = check_guidance_scale(spec.kwargs.get("scale", 1.0), "guidance: cfg scale (or a weight-schedule mapping)")
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        # diffusers' pipelines switch their CFG branch off at scale <= 1 (steerdiff's class pipeline does not): a
-        # scale under 1 goes in as a rule with the branch on, scale 0 being the unconditional model
-        if scale >= 1 or issubclass(kind.cls, ClassConditionalPipeline):
-            return GuidancePlan({key: float(scale)}, negative_default="" if true_cfg and scale > 1 else None)
-        if not hookable:
-            raise ConfigError(f"guidance: cfg scale {scale} < 1: {kind.name} turns its CFG off at scale <= 1 (it would "
-                              "sample at scale 1) and guide() cannot hook it to apply the scale; use a scale >= 1")
-    if not hookable:
-        raise ConfigError(
-            f"guidance: guide() cannot hook {kind.name} (it hooks {', '.join(SUPPORTED_PIPELINES)}); use guidance "
-            "{name: cfg, scale: w} (the pipeline's own CFG) or null"
-        )
-    try:
-        rule = get_rule(spec.name, **spec.kwargs)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        raise ConfigError(f"guidance: {err}") from None
-    return GuidancePlan({key: CFG_ON}, rule=rule, negative_default="" if true_cfg else None)
-
-
-def _num_classes(pipe) -> int | None:
-    """Classes of a class-conditional pipeline: steerdiff's (its null class id), DiT's (num_embeds_ada_norm)."""
-    from .pipelines.class_conditional import ClassConditionalPipeline, null_class_id
-    from .pipelines.hooks import main_denoiser
-
-    if isinstance(pipe, ClassConditionalPipeline):
-        return null_class_id(pipe.unet)
-    value = getattr(main_denoiser(pipe).config, "num_embeds_ada_norm", None)
-    return int(value) if value else None
-
-
 def _settings(cfg: GenerateConfig, item: Item) -> dict[str, Any]:
     out: dict[str, Any] = {"index": item.index, "seed": cfg.seed + item.index, "model": cfg.model}
     if item.label is not None:
@@ -490,86 +237,8 @@ def _settings(cfg: GenerateConfig, item: Item) -> dict[str, Any]:
     return out
 
 
-def png_info(settings: dict[str, Any]) -> PngInfo:
-    """PNG text chunks: ``steerdiff`` (all settings as JSON) and one chunk per main setting."""
-    info = PngInfo()
-    info.add_text("steerdiff", json.dumps(settings, sort_keys=True))
-    for key in ("model", "prompt", "negative_prompt", "class_label", "seed", "steps"):
-        if settings.get(key) is not None:
-            info.add_text(key, str(settings[key]))
-    for key in ("scheduler", "guidance"):
-        if settings.get(key) is not None:
-            info.add_text(key, json.dumps(settings[key], sort_keys=True))
-    return info
-
-
-def _finished_image(path: Path, settings: dict[str, Any]) -> np.ndarray | None:
-    """The image at ``path`` (H, W, C) in [0, 1] if an earlier run wrote it with these exact settings, else None."""
-    if not path.is_file():
-        return None
-    try:
-        with Image.open(path) as im:
-            if json.loads(im.text.get("steerdiff", "null")) != json.loads(json.dumps(settings)):
-                return None
-            pixels = np.asarray(im, dtype=np.float64) / 255
-    except (OSError, ValueError):
-        return None  # unreadable or damaged: made again
-    return pixels[..., None] if pixels.ndim == 2 else pixels
-
-
-def images_folder(output: Path) -> Path:
-    """Where the images and manifest of the grid ``output`` go: the folder beside it named after it."""
-    return output.with_suffix("")
-
-
 def load_generation_pipeline(cfg: GenerateConfig, cls: type, folder: Path | None):
     return load_any_pipeline(cfg.model, cls, folder, cfg.device, torch_dtype(cfg.dtype))
-
-
-def load_any_pipeline(model: str, cls: type, folder: Path | None, device, dtype: torch.dtype):
-    """A built-in or local class-conditional model (:func:`steerdiff.pipelines.loading.load_pipeline`), or any local
-    diffusers pipeline folder: ``cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)`` after every
-    component's weights are checked to be complete safetensors files."""
-    from .pipelines.class_conditional import ClassConditionalPipeline
-    from .pipelines.folder import check_components, model_index
-    from .pipelines.loading import load_pipeline
-
-    if issubclass(cls, ClassConditionalPipeline):
-        return load_pipeline(model, device=device, dtype=dtype)
-    from .weights import check_safetensors_folder
-
-    check_components(folder)
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if (sub / "config.json").is_file():  # a model component: safetensors only, complete, before diffusers reads it
-            check_safetensors_folder(sub)
-    # components saved as None (SD3 without its T5 encoder) are passed as None: diffusers would ask for them
-    absent = {k: None for k, v in model_index(folder).items()
-              if not k.startswith("_") and isinstance(v, list) and v[:1] == [None]}
-    pipe = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype, **absent)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def planned_scheduler(spec: Spec | None, folder: Path):
-    """The scheduler a run of a diffusers folder samples with, built from the folder's scheduler config alone:
-    ``spec`` by name (its noise process checked against the model's), or the folder's own class.  The model's
-    noise process and prediction type must be ones steerdiff understands (:mod:`steerdiff.core.process`), whichever
-    scheduler runs: a config it cannot read is an error here, not a failure in the first sampling step."""
-    from .core.process import noise_process_from_config, prediction_type_from_config
-    from .pipelines.folder import folder_scheduler_config
-    from .samplers.registry import make_scheduler
-
-    config = folder_scheduler_config(folder)
-    try:
-        noise_process_from_config(config), prediction_type_from_config(config)
-    except ValueError as err:
-        raise ConfigError(f"model: {str(folder / 'scheduler' / 'scheduler_config.json')!r}: {err}") from None
-    name = spec.name if spec is not None else config.get("_class_name")
-    try:
-        return make_scheduler(name, config, **(spec.kwargs if spec is not None else {}))
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"scheduler: {err}") from None
 
 
 def with_default_scheduler(cfg: GenerateConfig) -> GenerateConfig:
@@ -623,7 +292,6 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
     from .pipelines.folder import check_image_size, check_runs_in, makes_videos
 
     cfg = with_default_scheduler(cfg)
-    from .pipelines.hooks import guide
     from .pipelines.watch import watch_nonfinite
     from .run_folder import RunFolderLock, make_folder
     from .samplers.registry import make_scheduler
@@ -665,7 +333,7 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
             _claim_images_folder(cfg, folder, items, settings)
         pipe = load_generation_pipeline(cfg, cls, model_folder)
         if kind.kind == "class":  # the model says how many classes it has
-            items, rows = plan_items(cfg, kind, _num_classes(pipe))
+            items, rows = plan_items(cfg, kind, num_classes(pipe))
             settings = {it.index: _settings(cfg, it) for it in items}
             _claim_images_folder(cfg, folder, items, settings)
         if scheduler is not None:  # planned and checked from the folder's config above
@@ -689,7 +357,7 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
         chunks, reused = [], 0
         if guidance.rule is not None:
             try:  # a perturbation that does not fit the network, a weak model that does not load
-                stack.enter_context(guide(pipe, guidance.rule))
+                stack.enter_context(guidance.pipeline_call(pipe, check_finite=True))
             except (ValueError, TypeError, FileNotFoundError) as err:
                 raise ConfigError(f"guidance: {err}") from None
         elif kind.kind != "class":  # the class pipeline checks its own outputs
@@ -697,7 +365,7 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
         bar = stack.enter_context(tqdm(total=len(items), desc="generate", unit="image", disable=not progress))
         for start in range(0, len(items), cfg.batch_size):
             part = items[start : start + cfg.batch_size]
-            done = [_finished_image(folder / it.file, settings[it.index]) for it in part]
+            done = [finished_image(folder / it.file, settings[it.index]) for it in part]
             if all(d is not None for d in done):  # an interrupted run wrote these already: resume after them
                 chunks.append(np.stack(done))
                 reused += len(part)
@@ -709,9 +377,9 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
                 kwargs["class_labels"] = [it.label for it in part]
             elif kind.kind == "text":
                 kwargs["prompt"] = [it.prompt for it in part]
-                negatives = [it.negative_prompt if it.negative_prompt is not None else guidance.negative_default for it in part]
-                if any(n is not None for n in negatives):
-                    kwargs["negative_prompt"] = [n or "" for n in negatives]
+                negatives = guidance.negative_prompts([it.negative_prompt for it in part])
+                if negatives is not None:
+                    kwargs["negative_prompt"] = negatives
             else:
                 kwargs["batch_size"] = len(part)
             kwargs.update({key: [img] * len(part) for key, img in inputs.items()})
@@ -748,7 +416,7 @@ def _claim_images_folder(cfg: GenerateConfig, folder: Path, items: list[Item], s
                           "another output, or set overwrite=true to replace them")
     for path in folder.glob("[0-9][0-9][0-9][0-9][0-9].png"):  # what this run can reuse stays
         index = int(path.stem)
-        if index not in settings or _finished_image(path, settings[index]) is None:
+        if index not in settings or finished_image(path, settings[index]) is None:
             path.unlink()
     (folder / "manifest.jsonl").unlink(missing_ok=True)
 

@@ -45,7 +45,7 @@ def test_shipped_momentum_config_is_the_issue_grid():
 
 
 def test_shipped_guidance_config_covers_every_rule_at_every_scale():
-    from steerdiff.benchmark.guidance import build_guidance
+    from steerdiff.pipelines.calling import guidance_entry
 
     cfg = load_config(BenchmarkConfig, "configs/benchmark/guidance.yaml")
     names = {(g.name, str(g.scale.get("schedule") if isinstance(g.scale, dict) else "")) for g in cfg.guidance}
@@ -55,7 +55,7 @@ def test_shipped_guidance_config_covers_every_rule_at_every_scale():
         scale = g.scale["w0"] if isinstance(g.scale, dict) else g.scale if g.scale is not None else g.kwargs["rule"]["scale"]
         assert scale in (1, 3, 5, 9, 15)
         if g.name != "linear_ag":  # LinearAG reads the calibration file scripts/calibrate_linear_ag.py writes
-            build_guidance(g)
+            guidance_entry(g)
 
 
 @pytest.mark.parametrize("name,expected", [("ddim", 7), ("plms", 6), ("heun", 4), ("dpmpp_2m", 7)])

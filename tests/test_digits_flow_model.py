@@ -114,7 +114,7 @@ def test_flow_benchmark_configs_plan(name, tmp_path):
 def test_flow_guidance_configs_build_every_rule(name):
     """The shipped flow guidance grids validate and every rule builds (LinearAG needs its calibration file)."""
     from steerdiff.benchmark import BenchmarkConfig
-    from steerdiff.benchmark.guidance import build_guidance
+    from steerdiff.pipelines.calling import guidance_entry
     from steerdiff.config import load_config
 
     cfg = load_config(BenchmarkConfig, f"configs/benchmark/{name}.yaml")
@@ -123,7 +123,7 @@ def test_flow_guidance_configs_build_every_rule(name):
     assert {"cfg", "cfg_zero_star", "apg"} <= names
     for g in cfg.guidance:
         if g.name != "linear_ag":
-            build_guidance(g)
+            guidance_entry(g)
         else:
             assert "digits-flow_flow_euler_10" in g.kwargs["coefficients"]
 

@@ -7,7 +7,7 @@ import torch
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
-from steerdiff.benchmark.guidance import ClassifierFreeGuidance, RuleGuidance
+from steerdiff.pipelines.calling import GuidancePlan
 from steerdiff.core import NoiseSchedule
 from steerdiff.metrics.base import SampleSet
 from steerdiff.metrics.likelihood import MixtureLogLikelihood, mixture_log_likelihood
@@ -51,7 +51,7 @@ def test_reference_solution_on_the_digits_mixture_is_converged(kind):
     config = FlowMatchEulerDiscreteScheduler() if kind == "flow" else DDPMScheduler(clip_sample=False)
     model = fit_digits_mixture(dtype=torch.float64, scheduler_config=config)
     noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    fn = ClassifierFreeGuidance(3.0).model_fn(model, torch.tensor([0, 3, 5, 8]), model.schedule, model.config.prediction_type)
+    fn = GuidancePlan({}, scale=3.0).model_fn(model, torch.tensor([0, 3, 5, 8]), model.schedule, model.config.prediction_type)
     ref = reference_solution(fn, noise, model.schedule, model.config.prediction_type)
     tight = reference_solution(fn, noise, model.schedule, model.config.prediction_type, rtol=1e-13)
     assert float((ref - tight).flatten(1).norm(dim=1).max()) < 1e-6
@@ -62,7 +62,7 @@ def test_reference_refuses_a_stateful_rule_and_bad_tolerances():
 
     mix, *_ = _two_class_mixture()
     schedule = NoiseSchedule.from_alphas_cumprod(mix.alphas_cumprod)
-    fn = RuleGuidance(APG(3.0)).model_fn(mix, torch.tensor([0, 1]), schedule)
+    fn = GuidancePlan({}, rule=APG(3.0)).model_fn(mix, torch.tensor([0, 1]), schedule)
     with pytest.raises(ValueError, match="keeps state from one evaluation to the next"):
         reference_solution(fn, torch.randn(2, 1, 2, 2, dtype=torch.float64), schedule)
     for bad in (0.0, 0.1, True, "1e-8"):
@@ -107,7 +107,7 @@ def test_l2_metric_is_zero_for_the_reference_itself_and_cached(tmp_path):
     schedule = NoiseSchedule.from_alphas_cumprod(mix.alphas_cumprod)
     noise = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 1, 0])
-    guidance = ClassifierFreeGuidance(3.0)
+    guidance = GuidancePlan({}, scale=3.0)
     ref = reference_solution(guidance.model_fn(mix, labels), noise.double(), schedule, rtol=1e-8)
     samples = SampleSet(samples=ref.float(), labels=labels, noise=noise, denoiser=mix, guidance=guidance,
                         schedule=schedule, work_dir=tmp_path, reference_key="k")
@@ -126,7 +126,6 @@ def test_log_likelihood_metric_needs_an_exact_density(tiny_pipe):
 
 
 def test_rule_model_fn_equals_the_pipeline_cfg_combination():
-    from steerdiff.benchmark.guidance import RuleGuidance
     from steerdiff.guidance import get_rule
 
     mix, *_ = _two_class_mixture()
@@ -134,6 +133,6 @@ def test_rule_model_fn_equals_the_pipeline_cfg_combination():
     labels = torch.tensor([0, 1, 1])
     x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     t = torch.tensor([500, 500, 500])
-    rule = RuleGuidance(get_rule("cfg", scale={"schedule": "constant", "w0": 4.0})).model_fn(mix, labels, schedule)
-    builtin = ClassifierFreeGuidance(4.0).model_fn(mix, labels)
+    rule = GuidancePlan({}, rule=get_rule("cfg", scale={"schedule": "constant", "w0": 4.0})).model_fn(mix, labels, schedule)
+    builtin = GuidancePlan({}, scale=4.0).model_fn(mix, labels)
     torch.testing.assert_close(rule(x, t), builtin(x, t), rtol=1e-12, atol=1e-12)

@@ -27,6 +27,7 @@ from ..config import ConfigError, torch_dtype
 from ..core.process import NoiseProcess, noise_process_from_config, prediction_type_from_config
 from ..metrics.base import Metric, SampleSet
 from ..metrics.registry import make_metric
+from ..pipelines.calling import guidance_entry, plan_guidance
 from ..pipelines.class_conditional import null_class_id, sample_shape
 from ..pipelines.folder import check_image_size, check_runs_in
 from ..pipelines.loading import load_pipeline
@@ -37,7 +38,6 @@ from .config import BenchmarkConfig, ModelSpec
 from .environment import machine_info, package_versions
 from .grid import (Cell, expand_grid, initial_noise, model_fingerprint, resolve_classes, sample_generators, sample_labels,
                    stable_hash, steps_for_nfe)
-from .guidance import build_guidance
 from .probe import NetworkProbe
 from .report import write_report, write_results
 from .sharding import Shard, chunk_bounds, current_shard
@@ -57,7 +57,7 @@ class ModelPlan:
     schedule: NoiseProcess
     prediction_type: str
     dtype: torch.dtype
-    kind: object = None  # steerdiff.generate.PipelineKind
+    kind: object = None  # steerdiff.pipelines.calling.PipelineKind
     prompts: list[dict] | None = None
     call_kwargs: dict = field(default_factory=dict)
 
@@ -100,7 +100,7 @@ def resolve_device(name: str, shard: Shard) -> torch.device:
 
 
 def _prepare_model(cfg: BenchmarkConfig, i: int, spec: ModelSpec, device: torch.device) -> ModelPlan:
-    from ..generate import pipeline_kind, resolve_pipeline_class
+    from ..pipelines.calling import pipeline_kind, resolve_pipeline_class
 
     where = f"models[{i}] ({spec.model!r})"
     try:
@@ -169,7 +169,7 @@ def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
 
 
 def _prepare_text_model(cfg: BenchmarkConfig, where: str, spec: ModelSpec, kind, folder, device) -> ModelPlan:
-    from ..generate import load_any_pipeline, resolve_prompts
+    from ..pipelines.calling import load_any_pipeline, resolve_prompts
 
     if spec.prompts is None:
         raise ConfigError(f"{where}: prompts: {kind.name} is a text-to-image pipeline; give prompts (a list, or a "
@@ -182,7 +182,7 @@ def _prepare_text_model(cfg: BenchmarkConfig, where: str, spec: ModelSpec, kind,
     for key in ("height", "width"):
         if getattr(spec, key) is not None and not kind.takes(key):
             raise ConfigError(f"{where}: {key}: {kind.name} takes no {key}")
-    from ..generate import CALL_FIELDS
+    from ..pipelines.calling import CALL_FIELDS
 
     reserved = CALL_FIELDS | {"latents", "guidance_scale", "true_cfg_scale"}  # the cell sets noise and guidance too
     bad = sorted(k for k in spec.call_kwargs if k not in kind.params or k in reserved)
@@ -226,20 +226,18 @@ def prepare(cfg: BenchmarkConfig, device: torch.device) -> list[CellPlan]:
             schedulers[m.spec.display, sspec.display] = sched
             for nfe in cfg.nfe:
                 steps[m.spec.display, sspec.display, nfe] = steps_for_nfe(sched, nfe)
-    guidance = {}
+    guidance = {}  # one plan per (guidance entry, model): call arguments, rule, negative prompt
     for j, gspec in enumerate(cfg.guidance):
         try:
-            guidance[gspec.display] = build_guidance(gspec)
-        except ValueError as err:
+            entry = guidance_entry(gspec)  # the rule is built once (a LinearAG file read once)
+        except (ValueError, TypeError, FileNotFoundError) as err:
             raise ConfigError(f"guidance[{j}] ({gspec.name!r}): {err}") from None
-        for m in models:
-            if m.is_text:  # how the pipeline is called for this guidance; a rule guide() cannot hook stops here
-                from ..generate import plan_guidance
-
-                try:
-                    plan_guidance(gspec, m.kind)
-                except ConfigError as err:
-                    raise ConfigError(f"guidance[{j}] ({gspec.name!r}) for model {m.spec.display!r}: {err}") from None
+        for m in models:  # how the pipeline is called for this guidance; a rule guide() cannot hook stops here
+            try:
+                guidance[gspec.display, m.spec.display] = plan_guidance(gspec, m.kind, entry)
+            except ConfigError as err:
+                raise ConfigError(f"guidance[{j}] ({gspec.name!r}) for model {m.spec.display!r}: "
+                                  f"{str(err).removeprefix('guidance: ')}") from None
     by_label = {m.spec.display: m for m in models}
     plans = []
     cells = expand_grid(cfg, [m.classes for m in models], [model_fingerprint(m.denoiser) for m in models],
@@ -253,7 +251,7 @@ def prepare(cfg: BenchmarkConfig, device: torch.device) -> list[CellPlan]:
             f"{type(sched).__name__} cannot make exactly {cell.nfe} network calls: no num_inference_steps gives "
             f"{cell.nfe} timesteps"
         )
-        plans.append(CellPlan(cell, by_label[cell.model.display], sched, guidance[cell.guidance.display], n_steps, reason))
+        plans.append(CellPlan(cell, by_label[cell.model.display], sched, guidance[cell.guidance.display, cell.model.display], n_steps, reason))
     return plans
 
 
@@ -268,30 +266,22 @@ def quiet_scheduler(scheduler):
 def generate_text_chunk(plan: CellPlan, start: int, stop: int) -> Chunk:
     """Images start..stop-1 of a text-to-image cell (sample i: prompt i mod len(prompts), generator seed + i), in
     [-1, 1], from one pipeline call; a rule goes in with guide()."""
-    from contextlib import nullcontext
-
-    from ..generate import plan_guidance
-    from ..pipelines.hooks import guide
-
     m, cell = plan.model, plan.cell
     generators = sample_generators(cell.seed, start, stop)
     labels = sample_labels(m.classes, start, stop)
-    guidance = plan_guidance(cell.guidance, m.kind)
-    kwargs = dict(guidance.kwargs, **m.call_kwargs, prompt=[m.prompts[i]["prompt"] for i in labels],
-                  num_inference_steps=plan.steps, generator=generators, output_type="pt")
-    negatives = [m.prompts[i]["negative_prompt"] for i in labels]
-    negatives = [n if n is not None else guidance.negative_default for n in negatives]
-    if any(n is not None for n in negatives):
-        kwargs["negative_prompt"] = [n or "" for n in negatives]
     m.pipe.scheduler = quiet_scheduler(plan.scheduler)
-    rule = copy.deepcopy(guidance.rule) if guidance.rule is not None else None
     with NetworkProbe(m.denoiser, m.pipe.scheduler) as probe:
-        with guide(m.pipe, rule, check_finite=False) if rule is not None else nullcontext() as hook:
+        with plan.guidance.pipeline_call(m.pipe) as call:
+            kwargs = dict(call.kwargs, **m.call_kwargs, prompt=[m.prompts[i]["prompt"] for i in labels],
+                          num_inference_steps=plan.steps, generator=generators, output_type="pt")
+            negatives = plan.guidance.negative_prompts([m.prompts[i]["negative_prompt"] for i in labels])
+            if negatives is not None:
+                kwargs["negative_prompt"] = negatives
             t0 = time.perf_counter()
             images = m.pipe(**kwargs).images
             samples = (images.to("cpu", torch.float32) * 2 - 1)
             seconds = time.perf_counter() - t0
-    rows = hook.network_evaluations if rule is not None else probe.rows
+    rows = call.evaluations if call.evaluations is not None else probe.rows
     return Chunk(samples, labels, probe.calls, rows, probe.first_nonfinite_step(), seconds)
 
 

@@ -31,7 +31,7 @@ from ..pipelines.conditioning import conditioning_kind
 from ..run_folder import check_writable_folder
 from ..atomic_io import atomic_write
 from ..config import torch_dtype
-from ..generate import image_grid
+from ..image_files import image_grid
 
 TASKS = ("noise", "embedding", "finetune")
 

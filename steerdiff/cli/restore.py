@@ -51,7 +51,7 @@ from ..pipelines.restoration import RestorationPipeline
 from ..samplers.registry import make_scheduler
 from ..atomic_io import atomic_write
 from ..config import Spec, StrictModel, load_config, torch_dtype
-from ..generate import image_grid
+from ..image_files import image_grid
 
 OPERATOR_NAMES = ("box", "random", "extreme", "super_resolution", "blur", "denoising", "colorization")
 METRICS = ("psnr", "ssim", "fd", "accuracy")

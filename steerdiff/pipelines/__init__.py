@@ -1,20 +1,29 @@
 """Pipelines: the class-conditional pipeline, loading by name, the guidance hook for diffusers pipelines, the
-perturbations of perturbation guidance (:mod:`.perturb`) and ``RuleGuider`` for modular pipelines (:mod:`.modular`)."""
+perturbations of perturbation guidance (:mod:`.perturb`), ``RuleGuider`` for modular pipelines (:mod:`.modular`),
+calling any diffusers pipeline from a config (:mod:`.calling`) and the restoration pipeline.
 
-from .class_conditional import ClassConditionalPipeline
-from .hooks import SUPPORTED_PIPELINES, GuidanceHook, guide
-from .loading import load_pipeline
-from .restoration import RestorationPipeline  # inverse problems (issue 6)
+The names below are imported on first use: they import diffusers' models, and the lighter modules of this package
+(:mod:`.calling`, :mod:`.folder`) are read by ``steerdiff generate`` before any model is needed.
+"""
 
-__all__ = ["SUPPORTED_PIPELINES", "ClassConditionalPipeline", "GuidanceHook", "guide", "load_pipeline"]
-__all__ += ["RestorationPipeline"]  # inverse problems (issue 6)
-__all__ += ["RuleGuider"]
+import importlib
+
+_LAZY = {
+    "ClassConditionalPipeline": ".class_conditional",
+    "SUPPORTED_PIPELINES": ".hooks",
+    "GuidanceHook": ".hooks",
+    "guide": ".hooks",
+    "load_pipeline": ".loading",
+    "RestorationPipeline": ".restoration",  # inverse problems
+    "RuleGuider": ".modular",  # diffusers' modular guiders
+}
+
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
-    """``RuleGuider`` on first use (it imports diffusers' modular guiders)."""
-    if name == "RuleGuider":
-        from .modular import RuleGuider
-
-        return RuleGuider
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
