@@ -446,3 +446,17 @@ def test_nan_errors_name_the_step(small):
         sample_with_grad(NaNBand(model, 200, 400), x, SCHED, timesteps=grid, grad_x0=g, mode="checkpoint")
     with pytest.raises(FloatingPointError, match=r"model output \(guided eps\) has NaN/Inf at step 2 \(timestep 500\)"):
         sample_with_grad(NaNBand(model, 400, 600, forward_nan=True), x, SCHED, timesteps=grid, grad_x0=g, mode="adjoint")
+
+
+def test_the_prediction_type_is_never_guessed():
+    """A UNet's config says nothing of what it predicts and a NoiseProcess has no scheduler config: an error asking
+    for prediction_type (it used to fall back to epsilon); with the scheduler, or prediction_type given, it runs."""
+    unet = unet64()
+    x = randn(1, 1, 8, 8, seed=1)
+    kw = dict(num_inference_steps=2, loss_fn=squared_loss(torch.zeros_like(x)), conditioning=torch.tensor([1]))
+    with pytest.raises(ValueError, match="prediction_type: the model's config does not say what it predicts"):
+        sample_with_grad(unet, x, NoiseSchedule.from_config(SCHED.config), **kw)
+    given = sample_with_grad(unet, x, NoiseSchedule.from_config(SCHED.config), prediction_type="epsilon",
+                             timestep_spacing="trailing", **kw)  # what the scheduler's config says
+    from_config = sample_with_grad(unet, x, SCHED, **kw)
+    assert torch.equal(given.grad_x_T, from_config.grad_x_T)

@@ -512,8 +512,14 @@ def _setup(model, x_T, schedule, num_inference_steps, timesteps, timestep_spacin
     process, config = _as_process(schedule)
     if prediction_type is None:
         prediction_type = getattr(model, "config", {}).get("prediction_type") or (
-            prediction_type_from_config(config) if config else ("flow_prediction" if process.kind == "flow" else "epsilon")
+            prediction_type_from_config(config) if config else None
         )
+        if prediction_type is None:  # a NoiseProcess says nothing of what the network predicts: never guessed
+            raise ValueError(
+                "prediction_type: the model's config does not say what it predicts and schedule is a NoiseProcess "
+                "without a scheduler config; pass prediction_type (epsilon, v_prediction, sample or flow_prediction) "
+                "or the model's scheduler / its config as schedule"
+            )
     check_prediction_type(prediction_type)
     if timestep_spacing is None:
         timestep_spacing = config.get("timestep_spacing", "linspace")
