@@ -144,11 +144,11 @@ def test_guidance_needs_a_conditional_network_and_bad_weights_are_refused():
 
 def test_rule_guider_reads_the_flow_process():
     guider = RuleGuider(APG(5.0), scheduler=FLOW)
-    assert guider.schedule.kind == "flow" and guider.prediction_type == "flow_prediction"
-    assert guider.new().schedule.kind == "flow"
+    assert guider.process.kind == "flow" and guider.prediction_type == "flow_prediction"
+    assert guider.new().process.kind == "flow"
     sana = {"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True, "flow_shift": 3.0,
             "prediction_type": "flow_prediction"}
-    assert RuleGuider(CFG(2.0), scheduler=sana).schedule.kind == "flow"
+    assert RuleGuider(CFG(2.0), scheduler=sana).process.kind == "flow"
 
 
 # -- the analytic mixture as a flow model ----------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_rule_guider_cfg_equals_diffusers_guider(name):
 def test_rule_guider_apg_is_the_x0_rule_on_flow(name):
     recorder = Recorder(APG(4.0, eta=0.0, norm_threshold=0.5, momentum=0.0))
     guider = RuleGuider(recorder, scheduler=modular(name).scheduler)
-    assert guider.schedule.kind == "flow" and guider.prediction_type == "flow_prediction"
+    assert guider.process.kind == "flow" and guider.prediction_type == "flow_prediction"
     run(name, guider)
     assert len(recorder.records) == 3
     sigmas = modular(name).scheduler.sigmas

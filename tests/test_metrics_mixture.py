@@ -110,7 +110,7 @@ def test_l2_metric_is_zero_for_the_reference_itself_and_cached(tmp_path):
     guidance = GuidancePlan({}, scale=3.0)
     ref = reference_solution(guidance.model_fn(mix, labels), noise.double(), schedule, rtol=1e-8)
     samples = SampleSet(samples=ref.float(), labels=labels, noise=noise, denoiser=mix, guidance=guidance,
-                        schedule=schedule, work_dir=tmp_path, reference_key="k")
+                        process=schedule, work_dir=tmp_path, reference_key="k")
     metric = ReferenceL2(rtol=1e-8)
     assert metric(samples)["l2_error"] < 1e-5
     assert (tmp_path / "references" / "k-dop853-rtol1e-08.safetensors").is_file()

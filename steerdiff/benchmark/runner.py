@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, torch_dtype
 
-from ..core.process import NoiseProcess, noise_process_from_config, prediction_type_from_config
+from ..core.process import NoiseProcess, model_process
 from ..metrics.base import Metric, SampleSet
 from ..metrics.registry import make_metric
 from ..pipelines.calling import guidance_entry, plan_guidance
@@ -54,7 +54,7 @@ class ModelPlan:
     shape: tuple[int, ...]
     classes: list[int]
     metrics: list[Metric]
-    schedule: NoiseProcess
+    process: NoiseProcess
     prediction_type: str
     dtype: torch.dtype
     kind: object = None  # steerdiff.pipelines.calling.PipelineKind
@@ -148,7 +148,7 @@ def _metrics(cfg: BenchmarkConfig, where: str, spec: ModelSpec, shape, denoiser)
 
 def _process(where: str, pipe) -> tuple[NoiseProcess, str]:
     try:  # a scheduler config steerdiff cannot read (neither VP nor flow, contradicting keys) stops the plan
-        return noise_process_from_config(pipe.scheduler), prediction_type_from_config(pipe.scheduler)
+        return model_process(pipe.scheduler)
     except ValueError as err:
         raise ConfigError(f"{where}: scheduler config: {err}") from None
 
@@ -361,7 +361,7 @@ def finish_cell(plan: CellPlan, folder: RunFolder, shard: Shard, device, cache_d
     m = plan.model
     sample_set = SampleSet(
         samples=samples, labels=labels, noise=None if m.is_text else initial_noise(cell.seed, 0, cell.num_samples, m.shape),
-        denoiser=m.denoiser, guidance=plan.guidance, schedule=m.schedule, prediction_type=m.prediction_type,
+        denoiser=m.denoiser, guidance=plan.guidance, process=m.process, prediction_type=m.prediction_type,
         cache_dir=cache_dir, work_dir=folder.root, reference_key=cell.reference_key,
         prompts=[m.prompts[int(i)]["prompt"] for i in labels] if m.is_text else None,
     )

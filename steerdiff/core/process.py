@@ -24,7 +24,7 @@ contradict each other, is a ``ValueError`` naming the key: nothing falls back to
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -163,6 +163,20 @@ def prediction_type_from_config(config: Mapping[str, Any] | Any) -> str:
     return given
 
 
+class ModelProcess(NamedTuple):
+    """What a model's scheduler config says about it: its noise process and what its network predicts."""
+
+    process: "NoiseProcess"
+    prediction_type: str
+
+
+def model_process(config: Mapping[str, Any] | Any) -> ModelProcess:
+    """The (noise process, prediction type) of a model, from its scheduler or scheduler config, resolved together
+    and once (every place that meets a diffusers model calls this); a config of neither family, contradicting keys
+    or an unknown prediction type is a ValueError naming the key."""
+    return ModelProcess(noise_process_from_config(config), prediction_type_from_config(config))
+
+
 class NoiseProcess:
     """x_t = alpha_t x0 + sigma_t eps at (possibly fractional) timesteps t; t < 0 means the clean end.
 
@@ -227,6 +241,6 @@ class NoiseProcess:
 
 
 __all__ = [
-    "FLOW_KEYS", "NOISE_PROCESSES", "NoiseProcess", "VP_KEYS", "as_config", "noise_process_family",
+    "FLOW_KEYS", "NOISE_PROCESSES", "ModelProcess", "NoiseProcess", "VP_KEYS", "as_config", "model_process", "noise_process_family",
     "noise_process_from_config", "prediction_type_from_config",
 ]

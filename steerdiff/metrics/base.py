@@ -22,8 +22,8 @@ class SampleSet:
     ``samples``: (N, C, H, W) final samples in the model's space, before any clipping (float32, CPU);
     ``labels``: (N,) class ids; ``noise``: (N, C, H, W) the standard-normal initial noise they came from;
     ``denoiser``: the network (for metrics that need the model, e.g. the mixture's exact density);
-    ``guidance``: the cell's guidance, whose ``model_fn(denoiser, labels, schedule, prediction_type)`` is the guided network
-    ``(x, t) -> output`` of ``prediction_type`` (for reference solutions); ``schedule``: the model's
+    ``guidance``: the cell's guidance, whose ``model_fn(denoiser, labels, process, prediction_type)`` is the guided network
+    ``(x, t) -> output`` of ``prediction_type`` (for reference solutions); ``process``: the model's
     :class:`~steerdiff.core.NoiseSchedule`;
     ``cache_dir``: where reference statistics are cached; ``work_dir``: a folder for this run's caches;
     ``prompts``: text-to-image models: the prompt of each sample (``labels`` then index the model's prompt list);
@@ -36,7 +36,7 @@ class SampleSet:
     noise: torch.Tensor | None = None
     denoiser: Any = None
     guidance: Any = None
-    schedule: Any = None
+    process: Any = None
     prediction_type: str = "epsilon"
     cache_dir: Path | None = None
     work_dir: Path | None = None

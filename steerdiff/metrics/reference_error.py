@@ -152,16 +152,16 @@ class ReferenceL2(Metric):
         parts = []
         for start in range(0, samples.noise.shape[0], self.batch_size):
             labels = samples.labels[start : start + self.batch_size].to(device)
-            model_fn = samples.guidance.model_fn(network, labels, samples.schedule, samples.prediction_type)
+            model_fn = samples.guidance.model_fn(network, labels, samples.process, samples.prediction_type)
             noise = samples.noise[start : start + self.batch_size].to(device, torch.float64)
-            parts.append(reference_solution(model_fn, noise, samples.schedule, samples.prediction_type, self.rtol).cpu())
+            parts.append(reference_solution(model_fn, noise, samples.process, samples.prediction_type, self.rtol).cpu())
         ref = torch.cat(parts)
         if path is not None:
             atomic_save_safetensors(path, {"reference": ref})
         return ref
 
     def __call__(self, samples: SampleSet) -> dict[str, float]:
-        if samples.noise is None or samples.guidance is None or samples.schedule is None:
+        if samples.noise is None or samples.guidance is None or samples.process is None:
             raise ValueError("l2_to_reference needs the cell's noise, guidance and noise schedule")
         error = batch_norm(samples.samples.to(torch.float64) - self.reference(samples))
         return {"l2_error": float(error.mean())}

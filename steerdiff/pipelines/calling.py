@@ -238,17 +238,17 @@ class GuidancePlan:
         filled = [n if n is not None else self.negative_default for n in negatives]
         return [n or "" for n in filled] if any(n is not None for n in filled) else None
 
-    def model_fn(self, denoiser, labels: torch.Tensor, schedule=None, prediction_type: str = "epsilon"):
+    def model_fn(self, denoiser, labels: torch.Tensor, process=None, prediction_type: str = "epsilon"):
         """The guided network as a model boundary (:class:`steerdiff.core.Denoiser`) for reference solutions: the
         pipeline's own CFG at ``scale``, or a fresh copy of the rule (the solver resets it at its start)."""
         from .conditioning import denoiser_for
 
-        if schedule is None:
-            schedule = getattr(denoiser, "schedule", None)  # the analytic mixture carries its own
-            if schedule is None:
-                raise ValueError("model_fn needs the model's noise process (schedule=)")
+        if process is None:
+            process = getattr(denoiser, "process", None)  # the analytic mixture carries its own
+            if process is None:
+                raise ValueError("model_fn needs the model's noise process (process=)")
         guidance = self.scale if self.rule is None else copy.deepcopy(self.rule)
-        return denoiser_for(denoiser, schedule, prediction_type, 1.0 if guidance is None else guidance, cond=labels)
+        return denoiser_for(denoiser, process, prediction_type, 1.0 if guidance is None else guidance, cond=labels)
 
 
 def guidance_entry(spec: Spec):
@@ -342,13 +342,13 @@ def planned_scheduler(spec: Spec | None, folder: Path):
     ``spec`` by name (its noise process checked against the model's), or the folder's own class.  The model's
     noise process and prediction type must be ones steerdiff understands (:mod:`steerdiff.core.process`), whichever
     scheduler runs: a config it cannot read is an error here, not a failure in the first sampling step."""
-    from ..core.process import noise_process_from_config, prediction_type_from_config
+    from ..core.process import model_process
     from .folder import folder_scheduler_config
     from ..samplers.registry import make_scheduler
 
     config = folder_scheduler_config(folder)
     try:
-        noise_process_from_config(config), prediction_type_from_config(config)
+        model_process(config)
     except ValueError as err:
         raise ConfigError(f"model: {str(folder / 'scheduler' / 'scheduler_config.json')!r}: {err}") from None
     name = spec.name if spec is not None else config.get("_class_name")

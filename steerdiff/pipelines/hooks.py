@@ -59,7 +59,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from ..core.guidance_protocol import COND, UNCOND, GuidanceState, Request, guide_predictions, plan_predictions
 from ..core.nonfinite import NonFiniteWatch
-from ..core.process import noise_process_from_config, prediction_type_from_config
+from ..core.process import model_process
 from ..guidance.base import GuidanceRule
 from ..guidance.perturbations import WeakModel
 from .perturb import check_perturbation, perturbed, supports_groups
@@ -205,7 +205,7 @@ class GuidanceHook:
         self.layout = _layout(pipe)
         scheduler = pipe.scheduler
         config = scheduler.config
-        process = noise_process_from_config(scheduler)  # a config it cannot read is a ValueError naming the key
+        process, prediction_type = model_process(scheduler)  # a config it cannot read is a ValueError naming the key
         if config.get("timestep_type", "discrete") != "discrete":
             raise ValueError(
                 f"guide() needs the network's timesteps to be the scheduler's training timesteps; "
@@ -214,8 +214,7 @@ class GuidanceHook:
         self.pipe, self.rule, self.check_finite = pipe, rule, bool(check_finite)
         self._watches = (NonFiniteWatch("eager", "the network output"), NonFiniteWatch("eager", f"the guided prediction of {rule!r}"))
         self._check_perturbations()
-        self.schedule = process
-        self.prediction_type = prediction_type_from_config(scheduler)
+        self.process, self.prediction_type = process, prediction_type
         self.network_calls = 0
         self.network_evaluations = 0
         self.skipped_calls = 0
@@ -359,17 +358,17 @@ class GuidanceHook:
     def _state(self, timestep, sample: torch.Tensor) -> GuidanceState:
         """The rule's view of this evaluation.  Flow-matching pipelines give their networks rescaled timesteps (Flux:
         t / 1000), so the noise level comes from the scheduler's sigma at its current step there."""
-        if self.schedule.kind == "flow":
+        if self.process.kind == "flow":
             sched = self._scheduler
             index = sched.step_index if sched.step_index is not None else (sched.begin_index or 0)
             if self._sigmas is None or self._sigmas[0] is not sched.sigmas:  # read once per run (one host read)
                 self._sigmas = (sched.sigmas, sched.sigmas.tolist())
             s = self._sigmas[1][index]
-            t = s * self.schedule.num_train_timesteps
-            alpha, sigma = self.schedule.alpha_sigma_of_sigmas(s)
-            return GuidanceState(self.schedule, t, sample, self.prediction_type, self._step, alpha=alpha, sigma=sigma,
+            t = s * self.process.num_train_timesteps
+            alpha, sigma = self.process.alpha_sigma_of_sigmas(s)
+            return GuidanceState(self.process, t, sample, self.prediction_type, self._step, alpha=alpha, sigma=sigma,
                                  num_steps=self._num_steps)
-        return GuidanceState(self.schedule, timestep, sample, self.prediction_type, self._step, num_steps=self._num_steps)
+        return GuidanceState(self.process, timestep, sample, self.prediction_type, self._step, num_steps=self._num_steps)
 
     def _finite(self, guided: torch.Tensor, timestep, batch: int, *predictions: torch.Tensor) -> None:
         """One reduction over what the pipeline receives (NaN/Inf in a prediction reaches it through every rule: the

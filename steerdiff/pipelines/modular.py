@@ -30,7 +30,7 @@ import torch
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from ..core.guidance_protocol import COND, UNCOND, GuidanceState, Request, guide_predictions, rule_needs
-from ..core.process import noise_process_from_config, prediction_type_from_config
+from ..core.process import model_process
 from ..guidance.base import GuidanceRule
 from .perturb import check_perturbation, perturbed
 
@@ -70,8 +70,7 @@ class RuleGuider(BaseGuidance):
         self.rule = rule
         # VP or flow matching, read from the config (a FlowMatch scheduler gives the flow process and the velocity
         # prediction); a config steerdiff cannot read is a ValueError naming the key
-        self.schedule = noise_process_from_config(scheduler)
-        self.prediction_type = prediction_type_from_config(scheduler)
+        self.process, self.prediction_type = model_process(scheduler)
         self._scheduler_config = dict(config)
         if not isinstance(scheduler, dict) and hasattr(scheduler, "config"):  # keep the class: it names the family
             self._scheduler_config.setdefault("_class_name", type(scheduler).__name__)
@@ -108,7 +107,7 @@ class RuleGuider(BaseGuidance):
         self._batches = [COND] + [name for name in (UNCOND, *self.rule.perturbations) if _any(needs.get(name))]
 
     def _state(self, sample: torch.Tensor) -> GuidanceState:
-        return GuidanceState(self.schedule, self._timestep, sample, self.prediction_type, self._step,
+        return GuidanceState(self.process, self._timestep, sample, self.prediction_type, self._step,
                              num_steps=self._num_inference_steps)
 
     @property

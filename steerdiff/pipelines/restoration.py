@@ -41,7 +41,7 @@ from diffusers.utils import BaseOutput
 
 from ..core.grid import Grid, make_grid
 from ..core.nonfinite import NonFiniteWatch, finish_earliest
-from ..core.process import noise_process_from_config, prediction_type_from_config
+from ..core.process import model_process
 from ..core.sde import ancestral_step, sample_noise
 from ..core.tensors import batch_norm, expand_to
 from ..core.timesteps import linspace_timesteps, with_final
@@ -195,8 +195,7 @@ class RestorationPipeline(DiffusionPipeline):
         if guidance_rule is not None and guidance_scale != 1.0:
             raise ValueError("give guidance_scale or guidance_rule, not both (the rule sets the guidance)")
         guidance = guidance_scale if guidance_rule is None else guidance_rule
-        process = noise_process_from_config(self.scheduler)
-        prediction_type = prediction_type_from_config(self.scheduler)
+        process, prediction_type = model_process(self.scheduler)
         dtype, device = self.unet.dtype, self.device
         y = measurement.to(device=device, dtype=dtype)
         batch = y.shape[0]

@@ -63,7 +63,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..core.flow import FlowMatchSchedule
 from ..core.prediction import check_prediction_type
-from ..core.process import NOISE_PROCESSES, NoiseProcess, noise_process_from_config, prediction_type_from_config
+from ..core.process import NOISE_PROCESSES, NoiseProcess, model_process
 from ..core.schedule import NoiseSchedule
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -249,9 +249,8 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
 
         if scheduler_config is None:
             scheduler_config = _ddpm_default_config()
-        schedule = noise_process_from_config(scheduler_config)
-        if prediction_type is None:
-            prediction_type = prediction_type_from_config(scheduler_config)
+        schedule, configured = model_process(scheduler_config)
+        prediction_type = configured if prediction_type is None else prediction_type
         flow = schedule.kind == "flow"
 
         model = cls(
@@ -289,6 +288,11 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
 
     @property
     def schedule(self) -> NoiseProcess:
+        """The noise process (:attr:`process`; the name it had when only VP schedules existed)."""
+        return self.process
+
+    @property
+    def process(self) -> NoiseProcess:
         """The noise process: :class:`FlowMatchSchedule` for ``noise_process="flow"``, else the
         :class:`NoiseSchedule` of the ``alphas_cumprod`` buffer, rebuilt only when the buffer changes (load,
         ``.to``, in-place edits)."""
@@ -339,7 +343,7 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
             raise ValueError(f"timestep must be a scalar or have shape ({batch},) (one per sample), got {tuple(t.shape)}")
         if t.is_floating_point():
             _check(~torch.isnan(t), "timestep must not be NaN (allowed: any real number; < 0 means the clean end)")
-        alpha, sigma = self.schedule.alpha_sigma(t)
+        alpha, sigma = self.process.alpha_sigma(t)
         return alpha.to(dtype).unsqueeze(1), sigma.to(dtype).unsqueeze(1)
 
     def _log_weights(self, class_labels, batch: int, device, dtype) -> torch.Tensor:
