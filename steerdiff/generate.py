@@ -24,6 +24,7 @@ import importlib.util
 import inspect
 import json
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -287,7 +288,6 @@ def earlier_run_conflict(folder: Path, items: list[Item], settings: dict[int, di
 def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarray]:
     """Run ``cfg``; returns the grid's path and the images (N, H, W, C) in [0, 1].  Everything the config and the
     model folder's JSON files decide is checked, and the images folder locked, before any weights are read."""
-    from contextlib import ExitStack
 
     from .pipelines.folder import check_image_size, check_runs_in, makes_videos
 

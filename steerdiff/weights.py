@@ -7,6 +7,8 @@ model folder (``config.json`` + ``*.safetensors``, each file complete: :func:`ch
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -36,8 +38,6 @@ def check_safetensors_folder(folder: Path) -> None:
 def check_safetensors_file(path: Path) -> None:
     """Read the header of a safetensors file and check that the data it announces is all there, naming the file
     when it is empty, truncated or not safetensors at all (reading it would fail with a bare deserialisation error)."""
-    import json
-    import struct
 
     path = Path(path)
     size = path.stat().st_size

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 
 HELP = ("FID / KID / FD-DINOv2 / CLIP-FD / precision-recall between two folders of images or statistics files "
         "(pytorch-fid's command shape; nothing is downloaded)")
@@ -53,7 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check(args) -> None:
     """Every option checked before any image is read."""
-    from pathlib import Path
 
     from ..devices import check_device
 
@@ -95,7 +96,6 @@ def make_space(args):
 
 
 def main(args) -> int:
-    import os
 
     from ..benchmark.sharding import current_shard
     from ..metrics.folder_comparison import FD_KEYS, compare, load_side

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
+import numpy as np
 import torch
 
 from .multistep import MAX_ORDER, History, adams_bashforth
@@ -94,8 +95,6 @@ def steady_state_velocity_weights(nodes, beta: float, tol: float = 1e-18) -> lis
     Adams-Bashforth weights are consistent for that steady state; starting the velocity at v_0 = f_0 instead leaves
     an O(h) error in a mode decaying like (1 - beta)^n, which caps the global order at 2 (measured: GHVB 3.8 on a
     uniform flow grid goes from order 2 to 4 with this start)."""
-    import numpy as np
-
     y = [float(v) for v in nodes]
     w = len(y) - 1
     q = 1.0 - float(beta)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -176,8 +177,6 @@ def check_image_file(path: str, key: str) -> None:
 def check_call_kwargs(kind: PipelineKind, call_kwargs: dict[str, Any]) -> None:
     """Each value has the type the pipeline's signature annotates (pydantic's lax rules: "0.5" is a float); an
     argument that takes tensors or images only cannot come from a config."""
-    import typing
-
     from pydantic import ConfigDict, TypeAdapter, ValidationError
 
     try:

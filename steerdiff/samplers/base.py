@@ -54,6 +54,7 @@ from ..core.grid import FINAL_SIGMAS_TYPES, Grid, check_choice, resolve_grid
 from ..core.prediction import convert_prediction, to_eps, to_x0
 from ..core.flow import flow_grid_of_config
 from ..core.process import FLOW_KEYS, NOISE_PROCESSES, VP_KEYS, as_config, noise_process_family, noise_process_from_config, prediction_type_from_config
+from ..core.multistep import variable_adams_bashforth_grid
 from ..core.nonfinite import NonFiniteWatch, finish_earliest
 from ..core.steps import euler_step
 from ..core.tensors import expand_to
@@ -414,8 +415,6 @@ class AdamsBashforthScheduler(MomentumScheduler):
 
     def _variable_weights(self, start: int = 0):
         """Per step i >= ``start`` (the run's first step), the weights on the nodes start..i (at most r of them)."""
-        from ..core.multistep import variable_adams_bashforth_grid
-
         grid = self._grid
         flow = grid.process.kind == "flow"
         nodes = (grid.sigma_host if flow else grid.sigma_bar_host).numpy()

@@ -55,6 +55,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -555,7 +556,6 @@ def fit_digits_mixture(
         overfits (17.6); larger reg_covar loses likelihood quickly (0.01: 7.6 nats).  Classifying the held-out
         images by their class-conditional likelihood is then ~94% accurate.
     """
-    import numpy as np
     from sklearn.mixture import GaussianMixture
     from threadpoolctl import threadpool_limits
 
