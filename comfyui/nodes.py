@@ -7,6 +7,8 @@ ComfyUI's modules are imported when a node runs, so this file imports without Co
 
 from __future__ import annotations
 
+import functools
+
 import yaml
 
 from steerdiff.guidance import RULES, get_rule
@@ -87,8 +89,9 @@ def make_rule(rule: str, scale: float, options: str):
     return get_rule(rule, **options)
 
 
+@functools.cache
 def guider_class():
-    """The GUIDER class, built on ComfyUI's CFGGuider when a node first needs it."""
+    """The GUIDER class, built on ComfyUI's CFGGuider when a node first needs it (once)."""
     import comfy.samplers
 
     from steerdiff.k_diffusion import GuidedDenoiser, process_of_model_sampling

@@ -239,6 +239,13 @@ class NoiseProcess:
         alpha = torch.rsqrt(1.0 + level * level)
         return alpha, level * alpha
 
+    def timestep_of_sigmas(self, sigmas) -> torch.Tensor:
+        """The timestep (float64) at those same noise levels: t = s T on flow processes, t(sigma_bar) on VP ones."""
+        level = torch.as_tensor(sigmas).to(torch.float64)
+        if self.kind == "flow":
+            return level * self.num_train_timesteps
+        return self.timestep_from_sigma_bar(level)
+
 
 __all__ = [
     "FLOW_KEYS", "NOISE_PROCESSES", "ModelProcess", "NoiseProcess", "VP_KEYS", "as_config", "model_process", "noise_process_family",

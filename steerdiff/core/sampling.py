@@ -145,8 +145,7 @@ def sample_pcg(model, x, process, timesteps, prediction_type=None, *, gamma: flo
         else:
             k = i if bar[i] != float("inf") else i + 1  # from pure noise: the next step's size
             eta = bar[k] ** 2 - bar[k + 1] ** 2 if k + 1 <= n else bar[i + 1] ** 2
-        alpha, sigma = grid.point(i + 1)
-        scale = alpha.to(x.dtype)
+        scale = grid.point(i + 1)[0].to(x.dtype)  # x = alpha x_bar
         for _ in range(corrector_steps):
             eps = _predict(powered, grid, i + 1, x).eps
             noise = sample_noise(x.shape, generator, x.device, x.dtype)

@@ -62,6 +62,10 @@ class VarianceExplodingSigma(NoiseProcess):
         level = torch.as_tensor(sigmas).to(torch.float64)
         return torch.ones_like(level), level
 
+    def timestep_of_sigmas(self, sigmas) -> torch.Tensor:
+        """t = sigma."""
+        return torch.as_tensor(sigmas).to(torch.float64)
+
     def __repr__(self) -> str:
         return "VarianceExplodingSigma()"
 

@@ -1,4 +1,4 @@
-"""Small tensor helpers shared by every step: broadcasting per-sample coefficients and validation."""
+"""Small tensor helpers shared by every step: broadcasting per-sample coefficients, taking rows, validation."""
 
 from __future__ import annotations
 
@@ -18,6 +18,26 @@ def expand_to(coef: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"a per-sample coefficient has {coef.shape[0]} entries for a batch of {x.shape[0]}")
         return coef.reshape(-1, *([1] * (x.ndim - 1)))
     return coef
+
+
+def take_rows(value, rows, n: int):
+    """``value`` (a tensor, or dicts / lists / tuples of them: a network call's arguments, a conditioning) with the
+    rows ``rows`` of every tensor whose first dimension is the batch ``n``, or k * n for inputs repeated per sample
+    (``repeat_interleave``, e.g. AnimateDiff's text embeddings per frame); anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        if not value.ndim or n == 0:
+            return value
+        if value.shape[0] == n:
+            return value[rows]
+        if value.shape[0] % n == 0 and value.shape[0] > n:
+            k = value.shape[0] // n
+            return value.reshape(n, k, *value.shape[1:])[rows].reshape(-1, *value.shape[1:])
+        return value
+    if isinstance(value, dict):
+        return {k: take_rows(v, rows, n) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(take_rows(v, rows, n) for v in value)
+    return value
 
 
 def check_finite(x: torch.Tensor, what: str, step: int | None = None) -> None:

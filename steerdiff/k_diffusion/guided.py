@@ -30,13 +30,12 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ..core.flow import FlowMatchSchedule
 from ..core.guidance_protocol import COND, UNCOND, GuidanceState, Request, apply_rule
 from ..core.nonfinite import NonFiniteWatch
 from ..core.process import NoiseProcess
 from ..core.schedule import NoiseSchedule
 from ..core.sigma_process import FlowSigma, VarianceExplodingSigma
-from ..core.tensors import expand_to
+from ..core.tensors import expand_to, take_rows
 from ..guidance.base import GuidanceRule
 from ..guidance.cfg import CFG
 from ..guidance.perturbations import WeakModel
@@ -97,18 +96,6 @@ def _cat(parts: list):
     raise TypeError(f"conditioning must be tensors or dicts / lists of tensors, got {type(first).__name__}")
 
 
-def _take(cond, rows):
-    if rows is None or cond is None:
-        return cond
-    if torch.is_tensor(cond):
-        return cond if cond.shape[0] == 1 else cond[rows]
-    if isinstance(cond, Mapping):
-        return {k: _take(v, rows) for k, v in cond.items()}
-    if isinstance(cond, (list, tuple)):
-        return type(cond)(_take(v, rows) for v in cond)
-    raise TypeError(f"conditioning must be tensors or dicts / lists of tensors, got {type(cond).__name__}")
-
-
 def _expand(cond, batch: int):
     """One conditioning row made ``batch`` rows (k-diffusion callers often pass a single uncond row)."""
     if torch.is_tensor(cond):
@@ -160,7 +147,7 @@ class GuidedDenoiser:
         if sigmas is not None:
             s = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).reshape(-1)
             s = s[s > 0]
-            timesteps = self._timesteps(s)
+            timesteps = self.process.timestep_of_sigmas(s)
             self._num_steps = int(s.numel())
         else:
             self._num_steps = None
@@ -174,15 +161,6 @@ class GuidedDenoiser:
         self._guided_watch.reset()
 
     # -- noise levels -----------------------------------------------------------------------------------------
-    def _timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The process's timestep at k-diffusion's sigma (float64, per sample)."""
-        p = self.process
-        if isinstance(p, NoiseSchedule):
-            return p.timestep_from_sigma_bar(sigma)
-        if isinstance(p, FlowMatchSchedule):
-            return sigma * p.num_train_timesteps
-        return sigma
-
     def _levels(self, x: torch.Tensor, sigma: torch.Tensor):
         """(x in the process's convention, alpha, sigma) of k-diffusion's x at ``sigma`` (B,) float64."""
         alpha, sigma_p = self.process.alpha_sigma_of_sigmas(sigma)
@@ -208,14 +186,14 @@ class GuidedDenoiser:
             if rows is None or rows.numel():
                 ux = x if rows is None else x[rows]
                 us = sigma_in if rows is None else sigma_in[rows]
-                both = run(torch.cat([ux, x]), torch.cat([us, sigma_in]), _cat([_take(uncond, rows), cond]))
+                both = run(torch.cat([ux, x]), torch.cat([us, sigma_in]), _cat([uncond if rows is None else take_rows(uncond, rows, batch), cond]))
                 out[UNCOND], out[COND] = both[: ux.shape[0]], both[ux.shape[0]:]
             else:
                 out[COND] = run(x, sigma_in, cond)
             for name, prow in request.perturbed():
                 px = x if prow is None else x[prow]
                 ps = sigma_in if prow is None else sigma_in[prow]
-                out[name] = self._perturbed(request.perturbations[name], run, px, ps, _take(cond, prow))
+                out[name] = self._perturbed(request.perturbations[name], run, px, ps, cond if prow is None else take_rows(cond, prow, batch))
             return out
 
         return self.guided(x, sigma, evaluate)
@@ -245,7 +223,7 @@ class GuidedDenoiser:
             self.reset()  # the noise level rose: a new run
         self._last_sigma = highest
         sample, alpha, sigma_p = self._levels(x, level)
-        state = GuidanceState(self.process, self._timesteps(level), sample, "sample", self._step, alpha=alpha,
+        state = GuidanceState(self.process, self.process.timestep_of_sigmas(level), sample, "sample", self._step, alpha=alpha,
                               sigma=sigma_p, num_steps=self._num_steps)
 
         def checked(request: Request) -> Mapping[str, torch.Tensor]:

@@ -114,9 +114,11 @@ def run_sampler(scheduler, model, x, sigmas, extra_args=None, callback=None, dis
     return x
 
 
-def _scheduler(cls, process: str, model, **options):
-    flow = resolve_process(model, process) == "flow"
-    return cls(noise_process="flow" if flow else "vp", prediction_type="sample", **options)
+def _sample(cls, model, x, sigmas, extra_args, callback, disable, process, **options):
+    """Build the scheduler ``cls`` for the process the model is noised with (read once) and sample with it."""
+    family = resolve_process(model, process)
+    scheduler = cls(noise_process="flow" if family == "flow" else "vp", prediction_type="sample", **options)
+    return run_sampler(scheduler, model, x, sigmas, extra_args, callback, disable, family)
 
 
 @torch.no_grad()
@@ -125,8 +127,8 @@ def sample_plms_hb(model, x, sigmas, extra_args=None, callback=None, disable=Non
     """PLMS of ``order`` with heavy-ball momentum ``beta`` (Wizadwongsa & Suwajanakorn, ICLR 2024):
     v <- (1 - beta) v + beta AB_r(d), x <- x + (sigma' - sigma) v, with d = (x - denoised) / sigma
     (:class:`~steerdiff.samplers.HeavyBallPLMSScheduler`).  ``beta=1`` is k-diffusion's ``sample_lms``."""
-    scheduler = _scheduler(HeavyBallPLMSScheduler, process, model, order=order, beta=beta, adams_weights=adams_weights, warmup=warmup)
-    return run_sampler(scheduler, model, x, sigmas, extra_args, callback, disable, process)
+    return _sample(HeavyBallPLMSScheduler, model, x, sigmas, extra_args, callback, disable, process,
+                   order=order, beta=beta, adams_weights=adams_weights, warmup=warmup)
 
 
 @torch.no_grad()
@@ -134,9 +136,8 @@ def sample_ghvb(model, x, sigmas, extra_args=None, callback=None, disable=None, 
                 adams_weights="variable", warmup="none", process="auto"):
     """Generalized heavy ball of momentum number m = order - (1 - beta) (GHVB 3.8: order 4, beta 0.8;
     :class:`~steerdiff.samplers.GHVBScheduler`).  ``momentum_number=1`` is k-diffusion's ``sample_euler``."""
-    scheduler = _scheduler(GHVBScheduler, process, model, momentum_number=momentum_number, adams_weights=adams_weights,
-                           warmup=warmup)
-    return run_sampler(scheduler, model, x, sigmas, extra_args, callback, disable, process)
+    return _sample(GHVBScheduler, model, x, sigmas, extra_args, callback, disable, process,
+                   momentum_number=momentum_number, adams_weights=adams_weights, warmup=warmup)
 
 
 @torch.no_grad()
@@ -145,9 +146,8 @@ def sample_dpmpp_2m_hb(model, x, sigmas, extra_args=None, callback=None, disable
     """DPM-Solver++ 2M with heavy-ball momentum on its data term (:class:`~steerdiff.samplers.HeavyBallDPMSolverScheduler`).
     First order on the first step and on a step to sigma = 0, as k-diffusion's ``sample_dpmpp_2m``, which
     ``beta=1`` is; ``lower_order_final=True`` adds diffusers' rule (a first-order last step below 15 steps)."""
-    scheduler = _scheduler(HeavyBallDPMSolverScheduler, process, model, beta=beta, solver_order=2,
-                           lower_order_final=lower_order_final)
-    return run_sampler(scheduler, model, x, sigmas, extra_args, callback, disable, process)
+    return _sample(HeavyBallDPMSolverScheduler, model, x, sigmas, extra_args, callback, disable, process,
+                   beta=beta, solver_order=2, lower_order_final=lower_order_final)
 
 
 @torch.no_grad()
@@ -155,9 +155,8 @@ def sample_dpmpp_3m_hb(model, x, sigmas, extra_args=None, callback=None, disable
                        lower_order_final=False, process="auto"):
     """DPM-Solver++ 3M (diffusers' third-order multistep update) with heavy-ball momentum on its data term;
     ``beta=1`` is diffusers' DPMSolverMultistepScheduler with ``solver_order=3`` on these noise levels."""
-    scheduler = _scheduler(HeavyBallDPMSolverScheduler, process, model, beta=beta, solver_order=3,
-                           lower_order_final=lower_order_final)
-    return run_sampler(scheduler, model, x, sigmas, extra_args, callback, disable, process)
+    return _sample(HeavyBallDPMSolverScheduler, model, x, sigmas, extra_args, callback, disable, process,
+                   beta=beta, solver_order=3, lower_order_final=lower_order_final)
 
 
 @torch.no_grad()
@@ -166,9 +165,8 @@ def sample_unipc_hb(model, x, sigmas, extra_args=None, callback=None, disable=No
     """UniPC (predictor and corrector on data predictions) with heavy-ball momentum on both
     (:class:`~steerdiff.samplers.HeavyBallUniPCScheduler`); ``beta=1`` is diffusers' UniPCMultistepScheduler of
     ``order`` on these noise levels.  The corrector of each step uses the next step's model call."""
-    scheduler = _scheduler(HeavyBallUniPCScheduler, process, model, beta=beta, solver_order=order,
-                           solver_type=solver_type, lower_order_final=lower_order_final)
-    return run_sampler(scheduler, model, x, sigmas, extra_args, callback, disable, process)
+    return _sample(HeavyBallUniPCScheduler, model, x, sigmas, extra_args, callback, disable, process,
+                   beta=beta, solver_order=order, solver_type=solver_type, lower_order_final=lower_order_final)
 
 
 SAMPLERS = {

@@ -60,6 +60,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from ..core.guidance_protocol import COND, UNCOND, GuidanceState, Request, guide_predictions, plan_predictions
 from ..core.nonfinite import NonFiniteWatch
 from ..core.process import model_process
+from ..core.tensors import take_rows
 from ..guidance.base import GuidanceRule
 from ..guidance.perturbations import WeakModel
 from .perturb import check_perturbation, perturbed, supports_groups
@@ -132,25 +133,6 @@ def _forward_names(module) -> list[str]:
     base = getattr(module, "_orig_mod", module)
     params = list(inspect.signature(type(base).forward).parameters)
     return params[1:]  # without self
-
-
-def _take(value, rows, n: int):
-    """``value`` with the rows ``rows`` of every tensor whose first dimension is the batch ``n``, or k * n for inputs
-    repeated per sample (``repeat_interleave``, e.g. AnimateDiff's text embeddings per frame)."""
-    if isinstance(value, torch.Tensor):
-        if not value.ndim or n == 0:
-            return value
-        if value.shape[0] == n:
-            return value[rows]
-        if value.shape[0] % n == 0 and value.shape[0] > n:
-            k = value.shape[0] // n
-            return value.reshape(n, k, *value.shape[1:])[rows].reshape(-1, *value.shape[1:])
-        return value
-    if isinstance(value, dict):
-        return {k: _take(v, rows, n) for k, v in value.items()}
-    if type(value) in (list, tuple):
-        return type(value)(_take(v, rows, n) for v in value)
-    return value
 
 
 def _prediction(out) -> torch.Tensor:
@@ -364,7 +346,7 @@ class GuidanceHook:
             if self._sigmas is None or self._sigmas[0] is not sched.sigmas:  # read once per run (one host read)
                 self._sigmas = (sched.sigmas, sched.sigmas.tolist())
             s = self._sigmas[1][index]
-            t = s * self.process.num_train_timesteps
+            t = self.process.timestep_of_sigmas(s)
             alpha, sigma = self.process.alpha_sigma_of_sigmas(s)
             return GuidanceState(self.process, t, sample, self.prediction_type, self._step, alpha=alpha, sigma=sigma,
                                  num_steps=self._num_steps)
@@ -398,8 +380,8 @@ class GuidanceHook:
     def _call(self, fn, args, kwargs, rows=None, n: int = 0):
         """``fn`` on the rows ``rows`` of every batched argument (all rows when None), counted."""
         if rows is not None:
-            args = [_take(a, rows, n) for a in args]
-            kwargs = {key: _take(v, rows, n) for key, v in kwargs.items()}
+            args = [take_rows(a, rows, n) for a in args]
+            kwargs = {key: take_rows(v, rows, n) for key, v in kwargs.items()}
         out = fn(*args, **kwargs)
         self.network_calls += 1
         self.network_evaluations += n if rows is None else rows.numel()

@@ -221,12 +221,12 @@ class RestorationPipeline(DiffusionPipeline):
         residuals, calls = [], 0
         what = "the guided model output" if denoiser.guided else "the model output"
         watch = NonFiniteWatch(nonfinite_check, what, len(timesteps))
+        scale_input = getattr(self.scheduler, "scale_model_input", None) if sampler == "scheduler" else None
         update_watch = NonFiniteWatch(nonfinite_check, f"the restored samples after {type(method).__name__}'s update "
                                       "(the model output was finite; a smaller step_size may help)", len(timesteps))
         for i, t in enumerate(self.progress_bar(timesteps)):
             a, s = alphas[i], sigmas[i]
-            scale_input = getattr(self.scheduler, "scale_model_input", None)  # flow schedulers have none: x is the state
-            x = scale_input(state, t) if sampler == "scheduler" and scale_input is not None else state  # the VP sample
+            x = scale_input(state, t) if scale_input is not None else state  # the VP sample (flow schedulers: the state)
             with torch.set_grad_enabled(method.uses_gradient):
                 x = x.detach().requires_grad_(method.uses_gradient)
                 pred = denoiser.predict(x, t, a, s, step=i)
