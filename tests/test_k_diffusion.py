@@ -253,6 +253,8 @@ def test_bad_input_is_named():
         sample_ghvb(gaussian_denoiser, x, sigmas.flip(0))
     with pytest.raises(ValueError, match="flow sigmas must lie in"):
         sample_ghvb(flow_denoiser, x, sigmas, process="flow")
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        sample_ghvb(gaussian_denoiser, x.long(), sigmas)
 
 
 def test_nonfinite_denoiser_output_names_the_step():

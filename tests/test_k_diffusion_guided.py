@@ -118,6 +118,13 @@ def test_errors_are_clear():
         GuidedDenoiser(model, CFG(2.0))
     with pytest.raises(ValueError, match="process must be a steerdiff NoiseProcess or one of"):
         GuidedDenoiser(model, CFG(2.0), process="eps")
+    with pytest.raises(TypeError, match="model must be a k-diffusion denoiser"):
+        GuidedDenoiser("not a model", CFG(2.0), process="ve")
+    with pytest.raises(ValueError, match="nonfinite_check must be one of"):
+        GuidedDenoiser(model, CFG(2.0), process="ve", nonfinite_check="sometimes")
+    with pytest.raises(ValueError, match="has no sigmas table; pass process="):
+        from steerdiff.k_diffusion import process_of_model_sampling
+        process_of_model_sampling(type("ModelSampling", (type("EPS", (), {}),), {})())
     with pytest.raises(TypeError, match="rule must be a steerdiff guidance rule"):
         GuidedDenoiser(model, "cfg", process="ve")
     with pytest.raises(ValueError, match="needs both cond= and uncond="):
