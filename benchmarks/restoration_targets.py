@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from steerdiff.cli.restore import slug
+from steerdiff.benchmark.grid import slug
 from steerdiff.metrics.classifier import classify_digits, digits_features
 from steerdiff.metrics.frechet import frechet_distance_from_features
 from steerdiff.metrics.similarity import psnr, ssim

@@ -201,6 +201,8 @@ def test_new_metrics_rescore_stored_samples_without_sampling(tmp_path, tiny_mode
         ("models=[{model: MODEL, metrics: [{name: fid, kwargs: {weights: /no/inception.safetensors}}]}]",
          "Inception weights file '/no/inception.safetensors' does not exist"),
         ("models=[{model: MODEL, metrics: [log_likelihood]}]", "needs a model with an exact density"),
+        ("models=[{model: MODEL, metrics: [psnr]}]", "metrics[0] ('psnr'): psnr compares each sample with its original "
+         "image; a benchmark samples from noise and has none"),
         ("classes=12", "classes: models[0] ('MODEL') has 3 classes (ids 0..2); the config asks for 12"),
         ("classes=[0, 5]", "has 3 classes (ids 0..2); the config asks for [5]"),
         ("guidance=[{name: apgx, scale: 3}]", "guidance[0] ('apgx'): unknown guidance rule 'apgx'; available: cfg, apg,"),

@@ -12,7 +12,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 from steerdiff.cli import main
 from steerdiff.config import ConfigError, load_config
-from steerdiff.cli.restore import RestoreConfig
+from steerdiff.benchmark.restoration_config import RestoreConfig
 from steerdiff.metrics.similarity import psnr, ssim
 
 CONFIGS = sorted(Path("configs/restore").glob("*.yaml"))
@@ -139,6 +139,9 @@ def test_shipped_configs_are_valid(path):
         ({"methods": [{"name": "dps"}, {"name": "dps"}]}, r"method names must be unique; repeated: \['dps 1'\]"),
         ({"sampler": {"steps": 0}}, "sampler.steps: Input should be greater than or equal to 1"),
         ({"guidance_scale": 2.0}, "guidance_scale != 1 needs use_labels"),
+        ({"methods": [{"name": "dps", "label": "dps a"}, {"name": "dps", "label": "dps_a"}]},
+         r"method names \['dps a', 'dps_a'\] make the file names \['dps_a', 'dps_a'\] \(empty or the same\)"),
+        ({"tasks": [{"name": "***", "operator": {"name": "box"}}]}, r"task names \['\*\*\*'\] make the file names \[''\]"),
     ],
 )
 def test_config_errors(tmp_path, extra, message):
@@ -160,7 +163,7 @@ def test_run_errors(tmp_path, tiny_model_dir, image_folder, capsys):
 
 
 def test_markdown_table_reports_the_fd_of_the_originals():
-    from steerdiff.cli.restore import markdown_table
+    from steerdiff.benchmark.report import restoration_table as markdown_table
 
     cell = {"task": "box", "sigma_y": 0.05, "method": "dps 0.5", "psnr": 18.6, "network_calls": 100,
             "backward_calls": 100, "wall_s": 31.3, "num_images": 100}
@@ -169,3 +172,57 @@ def test_markdown_table_reports_the_fd_of_the_originals():
     assert "| box | 0.05 | dps 0.5 | 18.60 | 65.70 | 100 / 100 | 31.3 |" in table
     assert table.endswith("FD of the 100 original images themselves: 50.58 (the floor for this number of images; "
                           "compare FDs with it, not with 0)\n")
+
+
+def test_restore_scores_through_the_metrics_registry(tmp_path, tiny_model_dir):
+    """FD (to the digits reference split) and accuracy recorded by a digits run equal the same quantities computed
+    here from the stored restorations with the classifier's own functions; PSNR / SSIM with the similarity functions."""
+    from safetensors.torch import load_file
+
+    from steerdiff.metrics.classifier import classify_digits, digits_features
+    from steerdiff.metrics.frechet import frechet_distance_from_features
+    from steerdiff.testbeds.digits import load_digits_data
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, model=str(tiny_model_dir), data={"num_images": 12, "reference_split": "test"},
+                       output_dir=str(out), tasks=[{"name": "box", "operator": {"name": "box"}}],
+                       methods=[{"name": "projection"}], metrics=["psnr", "ssim", "fd", "accuracy"], batch_size=12)
+    assert main(["restore", "--config", str(cfg)]) == 0
+    (record,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    restored = load_file(str(out / "box" / "projection.safetensors"))["restored"].double().clamp(-1, 1)
+    originals, labels = load_digits_data("test")
+    reference = digits_features(originals)  # reference_split: test
+    originals, labels = originals[:12].double(), labels[:12]
+    assert np.isclose(record["fd"], frechet_distance_from_features(digits_features(restored), reference), rtol=1e-12)
+    assert np.isclose(record["fd_originals"], frechet_distance_from_features(digits_features(originals), reference), rtol=1e-12)
+    assert record["accuracy"] == float((classify_digits(restored) == labels).double().mean())
+    assert np.isclose(record["psnr"], float(psnr(restored, originals).mean()), rtol=1e-12)
+    assert np.isclose(record["ssim"], float(ssim(restored, originals).mean()), rtol=1e-12)
+
+
+def test_similarity_metrics_need_originals():
+    from steerdiff.metrics.base import SampleSet
+    from steerdiff.metrics.registry import make_metric
+
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.rand(4, 1, 8, 8, generator=g) * 2 - 1 for _ in range(2))
+    with_targets = SampleSet(samples=1.5 * x, labels=None, targets=y)  # the metrics clip samples to [-1, 1]
+    clipped = (1.5 * x).double().clamp(-1, 1)
+    assert make_metric("psnr")(with_targets) == {"psnr": float(psnr(clipped, y).mean())}
+    assert make_metric("ssim", window=5)(with_targets) == {"ssim": float(ssim(clipped, y, 5).mean())}
+    with pytest.raises(ValueError, match="psnr compares each sample with its original"):
+        make_metric("psnr")(SampleSet(samples=x, labels=None))
+    with pytest.raises(ValueError, match="window must be an odd integer >= 1, got 4"):
+        make_metric("ssim", window=4)
+
+
+def test_the_digits_splits_are_reference_data_sets():
+    from steerdiff.metrics.features import check_reference, reference_id, reference_images
+    from steerdiff.testbeds.digits import load_digits_data
+
+    for name, split in (("digits", "all"), ("digits-train", "train"), ("digits-test", "test")):
+        check_reference(name)
+        images, key = reference_images(name)
+        assert key == reference_id(name) == name and torch.equal(images, load_digits_data(split)[0])
+    with pytest.raises(ValueError, match=r"must be a built-in data set \('digits', 'digits-train', 'digits-test'\)"):
+        check_reference("digits-val")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from steerdiff.cli import main
 from steerdiff.config import ConfigError, load_config
-from steerdiff.cli.restore import RestoreConfig
+from steerdiff.benchmark.restoration_config import RestoreConfig
 from steerdiff.guidance import PAG, AutoGuidance
 from steerdiff.guidance.operators import Inpainting, box_mask
 from steerdiff.pipelines import RestorationPipeline, load_pipeline

@@ -22,8 +22,9 @@ from ..core.sde import sample_noise
 from .config import BenchmarkConfig, GuidanceSpec, MetricSpec, ModelSpec, SchedulerSpec
 
 
-def stable_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def stable_hash(obj, length: int = 12) -> str:
+    """The first ``length`` hex digits of the SHA-256 of ``obj`` as sorted JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def slug(text: str) -> str:

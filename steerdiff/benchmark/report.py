@@ -3,7 +3,8 @@
 - ``results.jsonl``: one record per cell (see :mod:`steerdiff.benchmark.runner`);
 - ``table.md``: per (model, guidance) a scheduler x NFE table of each headline metric (``report.pivot``), then
   every cell in one table (all metrics, steps, network evaluations per sample, time);
-- ``plots/<metric>.png``: the metric against NFE, one line per scheduler, one panel per (model, guidance).
+- ``plots/<metric>.png``: the metric against NFE, one line per scheduler, one panel per (model, guidance);
+- restoration runs (``steerdiff restore``): ``table.md``, one row per (task, method), :func:`restoration_table`.
 
 With several seeds a table or plot entry is the mean over seeds.  A diverged cell shows as ``div@k`` (its
 samples went non-finite at sampling step k), a skipped one as ``n/a``.
@@ -165,3 +166,27 @@ def write_report(root: str | Path, records: list[dict], spec, title: str) -> lis
         positive = all(v > 0 for r in records for k, v in r.get("metrics", {}).items() if k == key)
         out.append(plot_metric(records, key, root / "plots" / f"{key}.png", log_scale=key in spec.log_scale and positive))
     return out
+
+
+RESTORATION_COLUMNS = [("psnr", "PSNR dB", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"), ("fd", "FD", "{:.2f}"),
+                       ("accuracy", "class acc.", "{:.3f}")]
+
+
+def restoration_table(records: list[dict]) -> str:
+    """The records of ``steerdiff restore`` (one per task and method) as a Markdown table, with the FD floor: what
+    the original images themselves score."""
+    cols = [c for c in RESTORATION_COLUMNS if any(c[0] in r for r in records)]
+    head = ["task", "sigma_y", "method"] + [c[1] for c in cols] + ["network calls (fwd / bwd)", "time s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        if r.get("skipped"):
+            cells = ["n/a"] * len(cols) + [r["skipped"], ""]
+        else:
+            cells = [fmt.format(r[key]) if key in r else "" for key, _, fmt in cols]
+            cells += [f"{r['network_calls']} / {r['backward_calls']}", f"{r['wall_s']:.1f}"]
+        lines.append("| " + " | ".join([r["task"], f"{r['sigma_y']:g}", r["method"]] + cells) + " |")
+    floor = next((r for r in records if "fd_originals" in r), None)
+    if floor is not None:  # FD is strongly biased upwards at small N: show what the originals themselves score
+        lines += ["", f"FD of the {floor['num_images']} original images themselves: {floor['fd_originals']:.2f} "
+                      "(the floor for this number of images; compare FDs with it, not with 0)"]
+    return "\n".join(lines) + "\n"

@@ -139,6 +139,9 @@ def _metrics(cfg: BenchmarkConfig, where: str, spec: ModelSpec, shape, denoiser)
         where_m = f"{where} metrics[{j}] ({mspec.name!r})" if spec.metrics is not None else f"metrics[{j}] ({mspec.name!r}) for {where}"
         try:
             metric = make_metric(mspec.name, **mspec.kwargs)
+            if metric.needs_targets:
+                raise ValueError(f"{metric.name} compares each sample with its original image; a benchmark samples from "
+                                 "noise and has none (restorations have them: steerdiff restore)")
             metric.check(shape, denoiser)
         except (ValueError, TypeError, FileNotFoundError) as err:
             raise ConfigError(f"{where_m}: {err}") from None

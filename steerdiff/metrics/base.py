@@ -28,7 +28,8 @@ class SampleSet:
     ``cache_dir``: where reference statistics are cached; ``work_dir``: a folder for this run's caches;
     ``prompts``: text-to-image models: the prompt of each sample (``labels`` then index the model's prompt list);
     ``reference_key``: identifies (model, guidance, noise, labels) so a reference solution can be shared by
-    every cell that starts from the same noise.
+    every cell that starts from the same noise; ``targets``: restorations only: (N, C, H, W) the original image
+    each sample restores, in [-1, 1] (PSNR, SSIM).
     """
 
     samples: torch.Tensor
@@ -42,6 +43,7 @@ class SampleSet:
     work_dir: Path | None = None
     reference_key: str | None = None
     prompts: list[str] | None = None  # text-to-image models: the prompt of each sample (CLIP score)
+    targets: torch.Tensor | None = None  # restorations: the original of each sample (PSNR, SSIM)
     _features: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def features(self, space) -> torch.Tensor:
@@ -57,6 +59,7 @@ class Metric:
 
     name: ClassVar[str]
     keys: ClassVar[tuple[str, ...]]
+    needs_targets: ClassVar[bool] = False  # compares each sample with its original: restorations only
 
     def fingerprint(self) -> str:
         """Identifies what the metric computes beyond its config (e.g. its feature network's weights), so that

@@ -32,8 +32,9 @@ from ..atomic_io import atomic_write
 from ..options import check_options, named_options
 from .base import Metric, SampleSet
 
-REFERENCE_DATASETS = ("digits",)
-"""Built-in reference data sets; a ``.npy`` file of (N, C, H, W) images in [-1, 1] or a folder of images works too."""
+REFERENCE_DATASETS = ("digits", "digits-train", "digits-test")
+"""Built-in reference data sets (the 1,797 digits, or their train / test split); a ``.npy`` file of (N, C, H, W)
+images in [-1, 1] or a folder of images works too."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -388,10 +389,10 @@ def check_reference(dataset: str) -> None:
 
 def reference_images(dataset: str) -> tuple[torch.Tensor, str]:
     """Images (N, C, H, W) in [-1, 1] of a reference data set, and the data set's id for cache names."""
-    if dataset == "digits":
+    if dataset in REFERENCE_DATASETS:  # digits, digits-train, digits-test
         from ..testbeds.digits import load_digits_data
 
-        return load_digits_data("all")[0], "digits"
+        return load_digits_data(dataset.partition("-")[2] or "all")[0], dataset
     path = Path(dataset).expanduser()
     if path.is_dir():
         return load_image_folder(path), reference_id(dataset)

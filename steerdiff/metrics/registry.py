@@ -14,6 +14,8 @@ l2_to_reference    l2_error (vs an adaptive DOP853 solve)           any; the mix
 log_likelihood     log_likelihood (exact, nats)                     GaussianMixtureDenoiser models
 clip_score         clip_score (a local CLIP folder, ``model``)      text-to-image pipelines (RGB)
 saturation         saturation (HSV), clipped (fraction at bounds)   RGB image models
+psnr               psnr (dB, to each sample's original)             restorations (``steerdiff restore``)
+ssim               ssim (to each sample's original; ``window``)     restorations (``steerdiff restore``)
 =================  ==============================================  =====================================
 """
 
@@ -29,11 +31,12 @@ from .likelihood import MixtureLogLikelihood
 from .precision_recall import PrecisionRecall
 from .reference_error import ReferenceL2
 from .saturation import Saturation
+from .similarity import PSNR, SSIM
 
 METRICS: dict[str, type[Metric]] = {
     cls.name: cls
     for cls in (FrechetDistance, InceptionFID, KernelInceptionDistance, DINOv2FD, PrecisionRecall, Divergence, ClassAccuracy, ReferenceL2, MixtureLogLikelihood,
-                CLIPScore, Saturation)
+                CLIPScore, Saturation, PSNR, SSIM)
 }
 
 

@@ -15,12 +15,17 @@ reflection-padded by window // 2 so that border pixels have patches too),
 with population local variances (clamped at 0 against round-off).  The paper's 11x11 Gaussian window does not
 fit an 8x8 digit; the default 3x3 uniform window does.  This equals torchmetrics'
 ``structural_similarity_index_measure(..., gaussian_kernel=False, kernel_size=3, data_range=1)`` (tested).
+
+As named metrics (``psnr``, ``ssim``) they score a set of restorations against their originals
+(:attr:`~steerdiff.metrics.base.SampleSet.targets`): the mean over images, of the samples clipped to [-1, 1].
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .base import Metric, SampleSet
 
 MAX_PSNR_DB = 100.0
 
@@ -59,4 +64,48 @@ def ssim(images: torch.Tensor, references: torch.Tensor, window: int = 3) -> tor
     return s.flatten(1).mean(1)
 
 
-__all__ = ["MAX_PSNR_DB", "psnr", "ssim"]
+class TargetSimilarity(Metric):
+    """Mean similarity of each sample (clipped to [-1, 1]) to its target; subclasses set ``name`` and ``measure``."""
+
+    needs_targets = True
+
+    def measure(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, samples: SampleSet) -> dict[str, float]:
+        if samples.targets is None:
+            raise ValueError(f"{self.name} compares each sample with its original; only restorations have originals "
+                             "(steerdiff restore)")
+        x = samples.samples.to(torch.float64).clamp(-1, 1)
+        return {self.name: float(self.measure(x, samples.targets.to(x.device, torch.float64)).mean())}
+
+
+class PSNR(TargetSimilarity):
+    """``psnr``: mean PSNR (dB) of the samples to their originals."""
+
+    name = "psnr"
+    keys = ("psnr",)
+
+    def measure(self, images, targets):
+        return psnr(images, targets)
+
+
+class SSIM(TargetSimilarity):
+    """``ssim``: mean SSIM of the samples to their originals (``window``: the odd side of the uniform window)."""
+
+    name = "ssim"
+    keys = ("ssim",)
+
+    def __init__(self, window: int = 3):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+            raise ValueError(f"ssim: window must be an odd integer >= 1, got {window!r}")
+        self.window = window
+
+    def fingerprint(self) -> str:
+        return f"{self.name}:{self.window}"
+
+    def measure(self, images, targets):
+        return ssim(images, targets, self.window)
+
+
+__all__ = ["MAX_PSNR_DB", "PSNR", "SSIM", "psnr", "ssim"]
