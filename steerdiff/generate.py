@@ -40,11 +40,13 @@ from .config import DTYPE_NAMES, ConfigError, Spec, StrictModel, load_config, to
 from .devices import check_device
 from .image_files import finished_image, image_grid, images_folder, png_info, to_pil
 from .pipelines.calling import (
-    CALL_FIELDS, PipelineKind, check_call_kwargs, check_image_file, check_steps,
-    load_any_pipeline, load_prompts, num_classes, pipeline_kind, plan_guidance, planned_scheduler, resolve_pipeline_class,
-    resolve_prompts,
+    CALL_FIELDS, PipelineKind, check_call_kwargs, check_image_file, check_steps, load_any_pipeline, load_prompts,
+    num_classes, pipeline_kind, plan_guidance, planned_scheduler, resolve_pipeline_class, resolve_prompts,
 )
-from .run_folder import check_output_file, check_writable_folder
+from .pipelines.folder import (
+    check_components, check_image_size, check_runs_in, makes_videos, passes_own_sigmas, runs_in,
+)
+from .run_folder import RunFolderLock, check_output_file, check_writable_folder, make_folder
 
 # the default scheduler where a pipeline passes its own sigmas (Qwen-Image): DPM-Solver++ 2M on steerdiff's core
 DEFAULT_ON_OWN_SIGMAS = Spec(name="dpmpp_2m_hb", kwargs={"beta": 1.0})
@@ -248,7 +250,6 @@ def with_default_scheduler(cfg: GenerateConfig) -> GenerateConfig:
     ``DEFAULT_ON_OWN_SIGMAS``: DPM-Solver++ 2M on steerdiff's core, which takes them.  Said when it happens, and
     recorded with the images as what ran."""
     from .pipelines.class_conditional import ClassConditionalPipeline
-    from .pipelines.folder import passes_own_sigmas, runs_in
 
     if "scheduler" in cfg.model_fields_set or cfg.scheduler is None:
         return cfg
@@ -288,13 +289,10 @@ def earlier_run_conflict(folder: Path, items: list[Item], settings: dict[int, di
 def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarray]:
     """Run ``cfg``; returns the grid's path and the images (N, H, W, C) in [0, 1].  Everything the config and the
     model folder's JSON files decide is checked, and the images folder locked, before any weights are read."""
-
-    from .pipelines.folder import check_image_size, check_runs_in, makes_videos
+    from .pipelines.watch import watch_nonfinite
+    from .samplers.registry import make_scheduler
 
     cfg = with_default_scheduler(cfg)
-    from .pipelines.watch import watch_nonfinite
-    from .run_folder import RunFolderLock, make_folder
-    from .samplers.registry import make_scheduler
 
     out = check_output_file(cfg.output, "output", suffixes=(".png",))  # before any work
     folder = check_writable_folder(images_folder(out), "output (its images folder)")
@@ -311,7 +309,6 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> tuple[Path, np.ndarr
         raise ConfigError(f"call_kwargs: {clash} are set by guidance ({cfg.guidance.display}); give the weight there")
     scheduler = None
     if model_folder is not None and kind.cls.__name__ != "ClassConditionalPipeline":  # a diffusers folder
-        from .pipelines.folder import check_components
 
         check_components(model_folder)
         check_image_size(cls, model_folder, cfg.height, cfg.width)

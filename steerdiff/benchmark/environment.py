@@ -8,6 +8,7 @@ import sys
 from importlib import metadata
 
 import torch
+from .. import __version__
 
 PACKAGES = ("steerdiff", "torch", "diffusers", "accelerate", "numpy", "scipy", "safetensors")
 
@@ -44,7 +45,5 @@ def package_versions() -> dict[str, str]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             if name == "steerdiff":
-                from .. import __version__
-
                 versions[name] = __version__
     return versions

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.sde import sample_noise
+from ..samplers.registry import lay_out
 from .config import BenchmarkConfig, GuidanceSpec, MetricSpec, ModelSpec, SchedulerSpec
 
 
@@ -63,8 +64,6 @@ def initial_noise(seed: int, start: int, stop: int, shape: tuple[int, ...], gene
 def steps_for_nfe(scheduler, nfe: int) -> int | None:
     """The ``num_inference_steps`` whose timestep grid has exactly ``nfe`` entries (one network call each in the
     sampling loop), found by trying them; None when no step count gives ``nfe`` (e.g. Heun's 2N - 1)."""
-    from ..samplers.registry import lay_out
-
     for steps in range(1, 2 * nfe + 2):
         trial = copy.deepcopy(scheduler)
         try:

@@ -54,6 +54,7 @@ from ..pipelines.loading import load_pipeline
 from ..pipelines.restoration import RestorationPipeline
 from ..run_folder import check_writable_folder, claim_run_folder
 from ..samplers.registry import make_scheduler
+from ..testbeds.digits import load_digits_data
 from .grid import sample_generators, slug, stable_hash
 from .report import load_results, restoration_table, write_results
 from .restoration_config import DataSpec, MethodSpec, OperatorSpec, RestoreConfig, TaskSpec
@@ -75,8 +76,6 @@ def _num_images(spec: DataSpec, available: int, source: str, hint: str = "") -> 
 def load_images(spec: DataSpec, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(N, C, H, W) images in [-1, 1] and their labels (None for a folder)."""
     if spec.source == "digits":
-        from ..testbeds.digits import load_digits_data
-
         images, labels = load_digits_data(spec.split)
         if tuple(images.shape[1:]) != shape:
             raise ValueError(f"the digits are {tuple(images.shape[1:])} images; the model expects {shape}")

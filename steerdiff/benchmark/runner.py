@@ -25,19 +25,25 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, torch_dtype
 
 from ..core.process import NoiseProcess, model_process
+from ..devices import check_device
 from ..metrics.base import Metric, SampleSet
 from ..metrics.registry import make_metric
-from ..pipelines.calling import guidance_entry, plan_guidance
+from ..pipelines.calling import (
+    CALL_FIELDS, guidance_entry, load_any_pipeline, pipeline_kind, plan_guidance, resolve_pipeline_class,
+    resolve_prompts,
+)
 from ..pipelines.class_conditional import null_class_id, sample_shape
 from ..pipelines.folder import check_image_size, check_runs_in
+from ..pipelines.hooks import main_denoiser
 from ..pipelines.loading import load_pipeline
-from ..devices import check_device
 from ..run_folder import check_writable_folder, claim_run_folder
 from ..samplers.registry import make_scheduler
 from .config import BenchmarkConfig, ModelSpec
 from .environment import machine_info, package_versions
-from .grid import (Cell, expand_grid, initial_noise, model_fingerprint, resolve_classes, sample_generators, sample_labels,
-                   stable_hash, steps_for_nfe)
+from .grid import (
+    Cell, expand_grid, initial_noise, model_fingerprint, resolve_classes, sample_generators, sample_labels,
+    stable_hash, steps_for_nfe,
+)
 from .probe import NetworkProbe
 from .report import write_report, write_results
 from .sharding import Shard, chunk_bounds, current_shard
@@ -67,8 +73,6 @@ class ModelPlan:
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        from ..pipelines.hooks import main_denoiser
-
         return main_denoiser(self.pipe)
 
     def conditioning_key(self) -> str:
@@ -100,8 +104,6 @@ def resolve_device(name: str, shard: Shard) -> torch.device:
 
 
 def _prepare_model(cfg: BenchmarkConfig, i: int, spec: ModelSpec, device: torch.device) -> ModelPlan:
-    from ..pipelines.calling import pipeline_kind, resolve_pipeline_class
-
     where = f"models[{i}] ({spec.model!r})"
     try:
         cls, folder = resolve_pipeline_class(spec.model)
@@ -172,8 +174,6 @@ def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
 
 
 def _prepare_text_model(cfg: BenchmarkConfig, where: str, spec: ModelSpec, kind, folder, device) -> ModelPlan:
-    from ..pipelines.calling import load_any_pipeline, resolve_prompts
-
     if spec.prompts is None:
         raise ConfigError(f"{where}: prompts: {kind.name} is a text-to-image pipeline; give prompts (a list, or a "
                           ".txt / .jsonl file)")
@@ -185,7 +185,6 @@ def _prepare_text_model(cfg: BenchmarkConfig, where: str, spec: ModelSpec, kind,
     for key in ("height", "width"):
         if getattr(spec, key) is not None and not kind.takes(key):
             raise ConfigError(f"{where}: {key}: {kind.name} takes no {key}")
-    from ..pipelines.calling import CALL_FIELDS
 
     reserved = CALL_FIELDS | {"latents", "guidance_scale", "true_cfg_scale"}  # the cell sets noise and guidance too
     bad = sorted(k for k in spec.call_kwargs if k not in kind.params or k in reserved)
@@ -203,7 +202,6 @@ def _prepare_text_model(cfg: BenchmarkConfig, where: str, spec: ModelSpec, kind,
     if kind.takes("height"):
         call.update(height=h, width=w)
     shape = (3, h, w)
-    from ..pipelines.hooks import main_denoiser
 
     metrics = _metrics(cfg, where, spec, shape, main_denoiser(pipe))
     process, prediction_type = _process(where, pipe)

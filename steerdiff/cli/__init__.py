@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+from . import fid  # its own options (pytorch-fid's shape, no config); the module imports nothing heavy
 
 DESCRIPTION = (
     "steerdiff: diffusion samplers and guidance methods for diffusers pipelines. generate, benchmark, restore and "
@@ -34,8 +35,6 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import fid  # its own options (pytorch-fid's shape, no config); the module imports nothing heavy
-
     parser = argparse.ArgumentParser(prog="steerdiff", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, config_help, required, example) in SUBCOMMANDS.items():

@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..atomic_io import atomic_write
+from ..config import StrictModel, load_config, torch_dtype
+from ..devices import check_device
+from ..image_files import image_grid
+from ..metrics.classifier import load_digits_classifier
 from ..pipelines import adjoint_tasks
 from ..pipelines.adjoint import MODES
-from ..pipelines.loading import load_pipeline
-from ..config import StrictModel, load_config
-from ..devices import check_device
 from ..pipelines.conditioning import conditioning_kind
+from ..pipelines.loading import load_pipeline
 from ..run_folder import check_writable_folder
-from ..atomic_io import atomic_write
-from ..config import torch_dtype
-from ..image_files import image_grid
 
 TASKS = ("noise", "embedding", "finetune")
 
@@ -111,8 +111,6 @@ def _grid_png(images: torch.Tensor, rows: int, upscale: int):
 
 
 def run(cfg: _Common) -> tuple[Path, dict]:
-    from ..metrics.classifier import load_digits_classifier
-
     check_writable_folder(cfg.output, "output")  # before any work
     check_device(cfg.device)
     if cfg.task == "finetune" and importlib.util.find_spec("peft") is None:

@@ -139,7 +139,7 @@ def noise_process_from_config(config: Mapping[str, Any] | Any) -> "NoiseProcess"
     """The :class:`NoiseProcess` of a diffusers scheduler config (or scheduler): a VP
     :class:`~steerdiff.core.schedule.NoiseSchedule` or a :class:`~steerdiff.core.flow.FlowMatchSchedule`."""
     config = as_config(config)
-    if noise_process_family(config) == "flow":
+    if noise_process_family(config) == "flow":  # flow.py and schedule.py build on this module: imported here
         from .flow import FlowMatchSchedule
 
         return FlowMatchSchedule.from_config(config)

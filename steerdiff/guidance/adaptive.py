@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
+from ..atomic_io import atomic_save_safetensors
+from ..core.guidance_protocol import COND, UNCOND
 from ..core.prediction import PREDICTION_TYPES
 from ..core.tensors import batch_dot, batch_norm
-from ..core.guidance_protocol import COND, UNCOND
 from .base import GuidanceRule, GuidanceState, and_masks, check_scalar, from_space, mask_like, restrict_needs, to_space
 
 LINEAR_AG_FEATURES = ("cond", "cond_prev", "uncond_prev", "bias")
@@ -294,8 +295,6 @@ class LinearAG(GuidanceRule):
 
     def save(self, path: str | Path) -> Path:
         """Write the calibration (coefficients, timesteps, skip flags) as a safetensors file."""
-        from ..atomic_io import atomic_save_safetensors
-
         return atomic_save_safetensors(
             path,
             {"coefficients": self.coefficients, "timesteps": self.timesteps, "skip": self.skip.to(torch.uint8)},

@@ -5,6 +5,8 @@ they were generated for (the classifier and its 8-bit quantization are those of
 from __future__ import annotations
 
 from .base import Metric, SampleSet
+from .classifier import classify_digits
+from .features import DigitsFeatures
 
 
 class ClassAccuracy(Metric):
@@ -12,8 +14,6 @@ class ClassAccuracy(Metric):
     keys = ("class_accuracy",)
 
     def fingerprint(self) -> str:
-        from .features import DigitsFeatures
-
         return f"{self.name}:{DigitsFeatures().key()}"
 
     def check(self, sample_shape, denoiser=None) -> None:
@@ -21,7 +21,5 @@ class ClassAccuracy(Metric):
             raise ValueError(f"class_accuracy uses the digits classifier (1x8x8 images); this model makes {tuple(sample_shape)} samples")
 
     def __call__(self, samples: SampleSet) -> dict[str, float]:
-        from .classifier import classify_digits
-
         predicted = classify_digits(samples.samples)
         return {"class_accuracy": float((predicted == samples.labels.cpu()).double().mean())}

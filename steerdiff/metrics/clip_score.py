@@ -18,15 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..weights import check_safetensors_folder
 from .base import Metric, SampleSet
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def _features(output) -> torch.Tensor:
-    """transformers 4 returns the projected features, 5 an output whose pooler_output holds them."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
+from .features import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_projection, file_digest
 
 
 def clip_pixels(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
@@ -48,8 +42,6 @@ class CLIPScore(Metric):
     keys = ("clip_score",)
 
     def __init__(self, model: str | None = None, batch_size: int = 32, device: str | None = None):
-        from ..weights import check_safetensors_folder
-
         if model is None:
             raise ValueError("clip_score needs `model`: a local CLIP folder (CLIPModel.save_pretrained plus its tokenizer); "
                              "nothing is downloaded")
@@ -64,8 +56,6 @@ class CLIPScore(Metric):
         self._model = self._tokenizer = None
 
     def fingerprint(self) -> str:
-        from .features import file_digest
-
         return "clip_score:" + ",".join(file_digest(str(p)) for p in sorted(self.folder.glob("*.safetensors")))
 
     def check(self, sample_shape, denoiser=None) -> None:
@@ -101,7 +91,7 @@ class CLIPScore(Metric):
                 texts = list(prompts[start : start + self.batch_size])
                 pixels = clip_pixels(images[start : start + self.batch_size], size, mean, std).to(device)
                 tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
-                img = _features(model.get_image_features(pixel_values=pixels)).to(torch.float64)
-                txt = _features(model.get_text_features(**tokens)).to(torch.float64)
+                img = clip_projection(model.get_image_features(pixel_values=pixels)).to(torch.float64)
+                txt = clip_projection(model.get_text_features(**tokens)).to(torch.float64)
                 out.append(F.cosine_similarity(img, txt, dim=-1).cpu())
         return torch.cat(out)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Metric, SampleSet
+from .features import reference_images
 
 NORMALIZATIONS = ("data", "samples", "unit")
 
@@ -80,8 +81,6 @@ class Divergence(Metric):
         if len(sample_shape) != 3:
             raise ValueError(f"divergence needs (C, H, W) samples, got shape {tuple(sample_shape)}")
         if self.normalize == "data":
-            from .features import reference_images
-
             images, _ = reference_images(self.reference)
             if tuple(images.shape[1:]) != tuple(sample_shape):
                 raise ValueError(
@@ -97,8 +96,6 @@ class Divergence(Metric):
             c = samples.shape[1]
             return torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
         if self._stats is None:
-            from .features import reference_images
-
             self._stats = channel_statistics(reference_images(self.reference)[0])
         return self._stats
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from .base import SampleSet
 from .features import FeatureMetric
 from .frechet import feature_statistics, frechet_distance
+from .kid import kernel_inception_distance
 
 
 class FrechetDistance(FeatureMetric):
@@ -69,8 +70,6 @@ class KernelInceptionDistance(FeatureMetric):
         return f"{super().fingerprint()}:{self.subsets}x{self.subset_size}"
 
     def __call__(self, samples: SampleSet) -> dict[str, float]:
-        from .kid import kernel_inception_distance
-
         real, fake = self.features(samples)
         mean, std = kernel_inception_distance(real, fake, self.subsets, self.subset_size)
         return {"kid": mean, "kid_std": std}

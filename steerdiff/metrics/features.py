@@ -30,12 +30,26 @@ import torch
 
 from ..atomic_io import atomic_write
 from ..options import check_options, named_options
+from ..weights import check_safetensors_folder
 from .base import Metric, SampleSet
+from .classifier import CLASSIFIER_PATH, digits_features, quantize
+from .inception import check_weights_file, load_fid_inception
+from .preprocessing import MODES, check_mode, resize_for_network
 
 REFERENCE_DATASETS = ("digits", "digits-train", "digits-test")
 """Built-in reference data sets (the 1,797 digits, or their train / test split); a ``.npy`` file of (N, C, H, W)
 images in [-1, 1] or a folder of images works too."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_projection(output) -> torch.Tensor:
+    """The projected embeddings of ``CLIPModel.get_image_features`` / ``get_text_features``: transformers 4 returns
+    them, 5 an output whose pooler_output holds them."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 @lru_cache(maxsize=16)
@@ -75,8 +89,6 @@ class DigitsFeatures(FeatureSpace):
     resolution = 8
 
     def key(self) -> str:
-        from .classifier import CLASSIFIER_PATH
-
         return f"digits-classifier-{file_digest(str(CLASSIFIER_PATH / 'model.safetensors'))}"
 
     def check(self, sample_shape) -> None:
@@ -87,8 +99,6 @@ class DigitsFeatures(FeatureSpace):
             )
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        from .classifier import digits_features
-
         return digits_features(images)
 
 
@@ -103,7 +113,6 @@ class NetworkFeatures(FeatureSpace):
     def __init__(self, batch_size: int = 50, device: str | None = None, mode: str = "pytorch-fid",
                  dtype: str = "float32"):
         from ..config import DTYPE_NAMES
-        from .preprocessing import check_mode
 
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -153,16 +162,12 @@ class NetworkFeatures(FeatureSpace):
 
     def features_of_uint8(self, images: torch.Tensor) -> torch.Tensor:
         """Features of (N, 1 or 3, H, W) uint8 images, in batches of ``batch_size``."""
-        from .preprocessing import resize_for_network
-
         images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
         out = [self.features_of_resized(resize_for_network(images[i : i + self.batch_size], self.input_size, self.mode))
                for i in range(0, images.shape[0], self.batch_size)]
         return torch.cat(out) if out else torch.empty(0, 0, dtype=torch.float64)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        from .classifier import quantize
-
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
         return self.features_of_uint8(quantize(images))
@@ -178,8 +183,6 @@ class InceptionFeatures(NetworkFeatures):
 
     def __init__(self, weights: str | None = None, allow_pickle: bool = False, batch_size: int = 50, device: str | None = None,
                  mode: str = "pytorch-fid", dtype: str = "float32"):
-        from .inception import check_weights_file
-
         if weights is None:
             raise ValueError(
                 "the inception feature space needs `weights`: a local copy of pt_inception-2015-12-05-6726825d.pth "
@@ -193,8 +196,6 @@ class InceptionFeatures(NetworkFeatures):
         return f"inception-{file_digest(str(self.weights))}{self._suffix()}"
 
     def load(self):
-        from .inception import load_fid_inception
-
         return load_fid_inception(self.weights, allow_pickle=self.allow_pickle)
 
     def normalize(self, x):
@@ -210,8 +211,6 @@ class _TransformersFeatures(NetworkFeatures):
 
     def __init__(self, model: str | None = None, batch_size: int = 50, device: str | None = None, mode: str = "pytorch-fid",
                  dtype: str = "float32"):
-        from ..weights import check_safetensors_folder
-
         if model is None:
             raise ValueError(f"the {self.name} feature space needs `model`: a local transformers folder of the network "
                              "(saved with save_pretrained; nothing is downloaded)")
@@ -225,8 +224,6 @@ class _TransformersFeatures(NetworkFeatures):
         return f"{self.name}-{digests}{self._suffix()}"
 
     def normalize(self, x):
-        from .preprocessing import MODES
-
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x / MODES[self.mode].scale - mean) / std
@@ -257,6 +254,7 @@ class CLIPFeatures(_TransformersFeatures):
     transformers CLIP folder (the one ``clip_score`` reads); 224x224 input, CLIP's mean / std."""
 
     name = "clip"
+    mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     def __init__(self, model: str | None = None, **options):
         super().__init__(model, **options)
@@ -266,27 +264,13 @@ class CLIPFeatures(_TransformersFeatures):
         self.input_size = int(self.config.get("vision_config", {}).get("image_size", 224))  # the network's own size
         self.feature_dim = int(self.config.get("projection_dim", 512))
 
-    @property
-    def mean(self):
-        from .clip_score import OPENAI_CLIP_MEAN
-
-        return OPENAI_CLIP_MEAN
-
-    @property
-    def std(self):
-        from .clip_score import OPENAI_CLIP_STD
-
-        return OPENAI_CLIP_STD
-
     def load(self):
         from transformers import CLIPModel
 
         return CLIPModel.from_pretrained(self.folder, local_files_only=True, use_safetensors=True)
 
     def forward(self, model, x):
-        from .clip_score import _features
-
-        return _features(model.get_image_features(pixel_values=x))
+        return clip_projection(model.get_image_features(pixel_values=x))
 
 
 FEATURE_SPACES = {"digits": DigitsFeatures, "inception": InceptionFeatures, "dinov2": DINOv2Features, "clip": CLIPFeatures}

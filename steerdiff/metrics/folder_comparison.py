@@ -24,7 +24,10 @@ import numpy as np
 import torch
 
 from .features import NetworkFeatures
+from .folder_features import folder_features
 from .frechet import feature_statistics, frechet_distance
+from .kid import kernel_inception_distance
+from .precision_recall import precision_recall as pr
 from .statistics_files import FeatureSet, load_statistics_file
 
 FD_KEYS = {"inception": "fid", "dinov2": "fd_dinov2", "clip": "fd_clip"}
@@ -33,8 +36,6 @@ FD_KEYS = {"inception": "fid", "dinov2": "fd_dinov2", "clip": "fd_clip"}
 def load_side(path: str | Path, space: NetworkFeatures, **folder_options) -> FeatureSet:
     """Features of a folder of images (:func:`steerdiff.metrics.folder_features.folder_features`), or the
     statistics / features of an ``.npz`` file."""
-    from .folder_features import folder_features
-
     p = Path(path).expanduser()
     if p.suffix == ".npz" and not p.is_dir():
         return load_statistics_file(p)
@@ -86,14 +87,10 @@ def compare(side1: FeatureSet, side2: FeatureSet, space_name: str, *, kid: bool 
         raise ValueError(f"{asked} need features, and {', '.join(missing)} holds statistics only (mu, sigma); give "
                          "the folder, or a file written with --save-features")
     if kid:
-        from .kid import kernel_inception_distance
-
         mean, std = kernel_inception_distance(side1.features, side2.features, kid_subsets, kid_subset_size, seed)
         out["kid"] = {"mean": mean, "std": std, "subsets": int(kid_subsets),
                       "subset_size": int(min(kid_subset_size, side1.count, side2.count))}
     if precision_recall:
-        from .precision_recall import precision_recall as pr
-
         out["precision"], out["recall"] = pr(side1.features, side2.features, k=3)
     if bootstrap > 0:
         out[f"{key}_bootstrap_95"] = bootstrap_frechet(side1.features, side2.features, bootstrap, seed)

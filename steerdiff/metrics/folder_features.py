@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..atomic_io import atomic_write
 from .features import NetworkFeatures, default_cache_dir, image_sizes
+from .preprocessing import resize_for_network
 
 FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CHUNK_BATCHES = 20  # batches per shard chunk
@@ -58,7 +59,6 @@ class ResizedImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         from PIL import Image
 
-        from .preprocessing import resize_for_network
 
         try:
             with Image.open(self.files[i]) as im:
@@ -82,8 +82,6 @@ def content_key(space: NetworkFeatures, root: Path, files: list[Path]) -> str:
 
 def _compute(space: NetworkFeatures, files: list[Path], indices: range, num_workers: int, bar,
              in_workers: bool) -> torch.Tensor:
-    from .preprocessing import resize_for_network
-
     data = torch.utils.data.Subset(ResizedImages(files, space.input_size, space.mode, resize=in_workers), list(indices))
     loader = torch.utils.data.DataLoader(data, batch_size=space.batch_size, shuffle=False, num_workers=num_workers)
     out = []

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..weights import PICKLE_SUFFIXES
+from .classifier import quantize
 
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008  # the 2015-12-05 graph's classifier (1000 ImageNet classes + 8 unused)
@@ -254,8 +255,6 @@ def load_fid_inception(path: str | Path, allow_pickle: bool = False, device=None
 def inception_features(images: torch.Tensor, model: FIDInceptionV3, batch_size: int = 50) -> torch.Tensor:
     """pool3 features (float64 (N, 2048)) of images in [-1, 1] of shape (N, 1 or 3, H, W), quantized to 8 bits
     first; grey images are repeated to 3 channels."""
-    from .classifier import quantize
-
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
     device = next(model.parameters()).device

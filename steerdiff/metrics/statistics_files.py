@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..atomic_io import atomic_write
+from .frechet import feature_statistics
 
 
 @dataclass
@@ -31,8 +32,6 @@ class FeatureSet:
 
     @classmethod
     def of_features(cls, features: torch.Tensor, source: str) -> "FeatureSet":
-        from .frechet import feature_statistics
-
         mu, sigma = feature_statistics(features)
         return cls(source, mu, sigma, int(features.shape[0]), features)
 

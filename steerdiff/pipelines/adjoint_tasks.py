@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..core.sde import sample_noise
 from ..core.tensors import expand_to
+from ..metrics.classifier import classify_digits, dequantize, quantize
 from .adjoint import sample, sample_with_grad
 from .class_conditional import null_class_id, sample_shape
 from .conditioning import class_embeddings
@@ -61,14 +62,10 @@ def _noise(n: int, shape, seed: int, device, dtype) -> torch.Tensor:
 
 def stroke_fraction(images: torch.Tensor) -> torch.Tensor:
     """Per-image fraction of inked pixels (x > 0 on the 8-bit quantised image, the classifier's input), (N,)."""
-    from ..metrics.classifier import dequantize, quantize
-
     return (dequantize(quantize(images)) > 0).flatten(1).double().mean(dim=1)
 
 
 def _classify(classifier, images: torch.Tensor) -> torch.Tensor:
-    from ..metrics.classifier import classify_digits
-
     return classify_digits(images.detach().cpu(), classifier=classifier)
 
 

@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError, Spec, check_guidance_scale
+from ..weights import check_safetensors_folder
+from .folder import check_components, folder_scheduler_config, model_index
 
 PROMPT_SUFFIXES = (".txt", ".jsonl")
 # pipeline call arguments set from their own config fields, never from call_kwargs
@@ -317,12 +319,10 @@ def load_any_pipeline(model: str, cls: type, folder: Path | None, device, dtype:
     diffusers pipeline folder: ``cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)`` after every
     component's weights are checked to be complete safetensors files."""
     from .class_conditional import ClassConditionalPipeline
-    from .folder import check_components, model_index
     from .loading import load_pipeline
 
     if issubclass(cls, ClassConditionalPipeline):
         return load_pipeline(model, device=device, dtype=dtype)
-    from ..weights import check_safetensors_folder
 
     check_components(folder)
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -342,7 +342,6 @@ def planned_scheduler(spec: Spec | None, folder: Path):
     noise process and prediction type must be ones steerdiff understands (:mod:`steerdiff.core.process`), whichever
     scheduler runs: a config it cannot read is an error here, not a failure in the first sampling step."""
     from ..core.process import model_process
-    from .folder import folder_scheduler_config
     from ..samplers.registry import make_scheduler
 
     config = folder_scheduler_config(folder)

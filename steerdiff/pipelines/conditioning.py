@@ -22,6 +22,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..core.denoiser import Denoiser
+from ..testbeds.mixture import GaussianMixtureDenoiser
 from .perturb import check_perturbation, perturbed
 
 CONDITIONING_KINDS = ("class_embedding", "encoder_hidden_states", "class_labels", "none")
@@ -31,7 +33,6 @@ def conditioning_kind(model: nn.Module) -> str:
     """Which of :data:`CONDITIONING_KINDS` ``model`` takes (see the module docstring)."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
-    from ..testbeds.mixture import GaussianMixtureDenoiser
 
     if isinstance(model, UNet2DConditionModel):
         return "encoder_hidden_states"
@@ -174,8 +175,6 @@ def denoiser_for(model: nn.Module, process, prediction_type: str, guidance=1.0, 
                  check_finite: bool = False):
     """The :class:`~steerdiff.core.Denoiser` of a diffusers-style ``model`` (see the module docstring) with
     ``guidance`` (a weight or a rule), the samples' conditioning ``cond`` and the unconditional ``uncond``."""
-    from ..core.denoiser import Denoiser
-
     network = ConditionedNetwork(model, uncond)
     denoiser = Denoiser(network, process, prediction_type, guidance, cond, check_finite)
     network.check_guidance(denoiser.guided)

@@ -16,6 +16,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from ..samplers.registry import make_scheduler
+from ..testbeds.digits import load_digits_model
+from ..testbeds.mixture import GaussianMixtureDenoiser, fit_digits_mixture
 from ..weights import check_safetensors_folder
 from .class_conditional import ClassConditionalPipeline
 
@@ -26,8 +28,6 @@ def _load_model_folder(folder: Path):
     with open(folder / "config.json") as f:
         class_name = json.load(f).get("_class_name", "UNet2DModel")
     if class_name == "GaussianMixtureDenoiser":
-        from ..testbeds.mixture import GaussianMixtureDenoiser
-
         return GaussianMixtureDenoiser.from_pretrained(folder, use_safetensors=True)
     if class_name != "UNet2DModel":
         raise ValueError(f"model folder {str(folder)!r} holds a {class_name}; supported: UNet2DModel, GaussianMixtureDenoiser")
@@ -37,13 +37,10 @@ def _load_model_folder(folder: Path):
 def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """A :class:`ClassConditionalPipeline` for a built-in model name or a local folder."""
     if model in ("digits", "digits-flow"):
-        from ..testbeds.digits import load_digits_model
-
         unet, scheduler = load_digits_model(variant="flow" if model == "digits-flow" else "vp")
     elif model in ("mixture", "mixture-flow"):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        from ..testbeds.mixture import fit_digits_mixture
 
         # the analytic digits mixture, its exact eps under DDPM's schedule or its exact velocity as a flow model
         scheduler = FlowMatchEulerDiscreteScheduler() if model == "mixture-flow" else DDPMScheduler(clip_sample=False)

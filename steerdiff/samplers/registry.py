@@ -48,7 +48,7 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
 
 @functools.cache
 def _steerdiff_schedulers() -> dict[str, type]:
-    from .. import samplers
+    from .. import samplers  # the package, which imports this module; read once its classes are all defined
 
     return {
         name: obj

@@ -66,6 +66,7 @@ from ..core.flow import FlowMatchSchedule
 from ..core.prediction import check_prediction_type
 from ..core.process import NOISE_PROCESSES, NoiseProcess, model_process
 from ..core.schedule import NoiseSchedule
+from .digits import NUM_CLASSES, load_digits_data
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -559,7 +560,6 @@ def fit_digits_mixture(
     from sklearn.mixture import GaussianMixture
     from threadpoolctl import threadpool_limits
 
-    from .digits import NUM_CLASSES, load_digits_data
 
     if int(components_per_class) < 1:
         raise ValueError(f"components_per_class must be >= 1, got {components_per_class}")
