@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from steerdiff.core.grid import resolve_grid
+from steerdiff.core.process import model_process
 from steerdiff.core.timesteps import spaced_timesteps, with_final
 from steerdiff.metrics.classifier import load_digits_classifier
 from steerdiff.pipelines.adjoint import sample_with_grad
@@ -35,8 +37,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def grids(process, n: int) -> dict[str, torch.Tensor]:
     """N + 1 timesteps of each grid (the adjoint's ``timesteps=`` form)."""
-    from steerdiff.core.grid import resolve_grid
-
     T = process.num_train_timesteps
     flux = torch.tensor(np.linspace(1.0, 1.0 / n, n), dtype=torch.float64)
     return {
@@ -55,8 +55,6 @@ def main() -> int:
     start = time.perf_counter()
     pipe, classifier = load_pipeline("digits-flow"), load_digits_classifier()
     unet = pipe.unet
-    from steerdiff.core.process import model_process
-
     process, _ = model_process(pipe.scheduler)
     x_T = torch.randn(8, *sample_shape(unet), generator=torch.Generator().manual_seed(0))
     emb = class_embeddings(unet, torch.arange(8)).detach()
