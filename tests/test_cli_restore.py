@@ -214,6 +214,8 @@ def test_similarity_metrics_need_originals():
         make_metric("psnr")(SampleSet(samples=x, labels=None))
     with pytest.raises(ValueError, match="window must be an odd integer >= 1, got 4"):
         make_metric("ssim", window=4)
+    with pytest.raises(ValueError, match="class_accuracy compares the classifier's class with each sample's label"):
+        make_metric("class_accuracy")(SampleSet(samples=x, labels=None))
 
 
 def test_the_digits_splits_are_reference_data_sets():

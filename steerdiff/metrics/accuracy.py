@@ -21,5 +21,7 @@ class ClassAccuracy(Metric):
             raise ValueError(f"class_accuracy uses the digits classifier (1x8x8 images); this model makes {tuple(sample_shape)} samples")
 
     def __call__(self, samples: SampleSet) -> dict[str, float]:
+        if samples.labels is None:
+            raise ValueError("class_accuracy compares the classifier's class with each sample's label; these samples have none")
         predicted = classify_digits(samples.samples)
         return {"class_accuracy": float((predicted == samples.labels.cpu()).double().mean())}

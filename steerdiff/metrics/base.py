@@ -20,7 +20,7 @@ class SampleSet:
     """The samples of one cell.
 
     ``samples``: (N, C, H, W) final samples in the model's space, before any clipping (float32, CPU);
-    ``labels``: (N,) class ids; ``noise``: (N, C, H, W) the standard-normal initial noise they came from;
+    ``labels``: (N,) class ids (None for restorations of an unlabelled image folder); ``noise``: (N, C, H, W) the standard-normal initial noise they came from;
     ``denoiser``: the network (for metrics that need the model, e.g. the mixture's exact density);
     ``guidance``: the cell's guidance, whose ``model_fn(denoiser, labels, process, prediction_type)`` is the guided network
     ``(x, t) -> output`` of ``prediction_type`` (for reference solutions); ``process``: the model's
@@ -33,7 +33,7 @@ class SampleSet:
     """
 
     samples: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None
     noise: torch.Tensor | None = None
     denoiser: Any = None
     guidance: Any = None
