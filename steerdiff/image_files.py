@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -26,10 +27,18 @@ def image_grid(images: np.ndarray, rows: int, upscale: int = 1, gap: int = 1) ->
         grid[top : top + hh, left : left + ww] = img
     return to_pil(grid)
 
+
+def tensor_grid(images: torch.Tensor, rows: int, upscale: int = 1) -> Image.Image:
+    """:func:`image_grid` of (N, C, H, W) tensor images in model space [-1, 1] (clipped to it)."""
+    pixels = ((images.detach().to("cpu", torch.float32).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    return image_grid(pixels, rows=rows, upscale=upscale)
+
+
 def to_pil(image: np.ndarray) -> Image.Image:
     """(H, W, C) in [0, 1] -> an 8-bit PIL image (grey for one channel)."""
     u8 = (np.asarray(image, dtype=np.float64) * 255).round().clip(0, 255).astype(np.uint8)
     return Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8)
+
 
 def png_info(settings: dict[str, Any]) -> PngInfo:
     """PNG text chunks: ``steerdiff`` (all settings as JSON) and one chunk per main setting."""
@@ -43,6 +52,7 @@ def png_info(settings: dict[str, Any]) -> PngInfo:
             info.add_text(key, json.dumps(settings[key], sort_keys=True))
     return info
 
+
 def finished_image(path: Path, settings: dict[str, Any]) -> np.ndarray | None:
     """The image at ``path`` (H, W, C) in [0, 1] if an earlier run wrote it with these exact settings, else None."""
     if not path.is_file():
@@ -55,6 +65,7 @@ def finished_image(path: Path, settings: dict[str, Any]) -> np.ndarray | None:
     except (OSError, ValueError):
         return None  # unreadable or damaged: made again
     return pixels[..., None] if pixels.ndim == 2 else pixels
+
 
 def images_folder(output: Path) -> Path:
     """Where the images and manifest of the grid ``output`` go: the folder beside it named after it."""

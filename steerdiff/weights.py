@@ -38,7 +38,6 @@ def check_safetensors_folder(folder: Path) -> None:
 def check_safetensors_file(path: Path) -> None:
     """Read the header of a safetensors file and check that the data it announces is all there, naming the file
     when it is empty, truncated or not safetensors at all (reading it would fail with a bare deserialisation error)."""
-
     path = Path(path)
     size = path.stat().st_size
     damaged = f"weights file {str(path)!r} is damaged ({{}}); replace it with a complete copy"

@@ -255,6 +255,11 @@ def test_bad_input_is_named():
         sample_ghvb(flow_denoiser, x, sigmas, process="flow")
     with pytest.raises(ValueError, match="x must be a floating-point tensor"):
         sample_ghvb(gaussian_denoiser, x.long(), sigmas)
+    from steerdiff.k_diffusion.sampling import run_sampler
+
+    vp_scheduler = HeavyBallPLMSScheduler(noise_process="vp", prediction_type="sample")
+    with pytest.raises(ValueError, match=r"this scheduler's noise_process is 'vp'; the grid's process is FlowSigma\(\)"):
+        run_sampler(vp_scheduler, flow_denoiser, x, sigmas / sigmas[0], process="flow")
 
 
 def test_nonfinite_denoiser_output_names_the_step():

@@ -45,7 +45,7 @@ from ..guidance.operators import (
     Colorization, Denoising, GaussianBlur, Inpainting, InverseProblem, LinearOperator, SuperResolution, box_mask,
     extreme_mask, random_mask,
 )
-from ..image_files import image_grid
+from ..image_files import tensor_grid
 from ..metrics.base import Metric, SampleSet
 from ..metrics.features import IMAGE_SUFFIXES
 from ..metrics.registry import make_metric
@@ -198,9 +198,7 @@ def restore_all(pipe, cfg, task, method, y, labels, masks) -> tuple[torch.Tensor
 
 
 def write_grid(path: Path, rows: list[torch.Tensor], upscale: int) -> None:
-    stacked = torch.cat(rows).clamp(-1, 1)
-    arr = ((stacked + 1) / 2).permute(0, 2, 3, 1).numpy()
-    grid = image_grid(arr, rows=len(rows), upscale=upscale)
+    grid = tensor_grid(torch.cat(rows), rows=len(rows), upscale=upscale)
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 

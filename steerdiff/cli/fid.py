@@ -55,7 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check(args) -> None:
     """Every option checked before any image is read."""
-
     from ..devices import check_device
 
     for name in ("batch_size", "kid_subsets"):
@@ -96,7 +95,6 @@ def make_space(args):
 
 
 def main(args) -> int:
-
     from ..benchmark.sharding import current_shard
     from ..metrics.folder_comparison import FD_KEYS, compare, load_side
     from ..metrics.statistics_files import save_features, save_statistics

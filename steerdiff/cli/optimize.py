@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..atomic_io import atomic_write
 from ..config import StrictModel, load_config, torch_dtype
 from ..devices import check_device
-from ..image_files import image_grid
+from ..image_files import tensor_grid
 from ..metrics.classifier import load_digits_classifier
 from ..pipelines import adjoint_tasks
 from ..pipelines.adjoint import MODES
@@ -105,11 +104,6 @@ def load_task_config(path=None, overrides=None) -> _Common:
     return load_config(TASK_CONFIGS[which.task], path, overrides)
 
 
-def _grid_png(images: torch.Tensor, rows: int, upscale: int):
-    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-    return image_grid(np.asarray(pixels), rows=rows, upscale=upscale)
-
-
 def run(cfg: _Common) -> tuple[Path, dict]:
     check_writable_folder(cfg.output, "output")  # before any work
     check_device(cfg.device)
@@ -150,7 +144,7 @@ def run(cfg: _Common) -> tuple[Path, dict]:
     seconds = time.perf_counter() - start
     out = Path(cfg.output)
     for name, images in result.images.items():
-        grid = _grid_png(images, rows if images.shape[0] % rows == 0 else 1, cfg.upscale)
+        grid = tensor_grid(images, rows if images.shape[0] % rows == 0 else 1, cfg.upscale)
         atomic_write(out / f"{name}.png", lambda tmp, g=grid: g.save(tmp, format="PNG"))
     report = {"task": cfg.task, "metrics": result.metrics, "seconds": seconds, "config": cfg.model_dump(),
               "history": result.history}

@@ -127,15 +127,14 @@ class NonFiniteWatch:
 def finish_earliest(*watches: NonFiniteWatch) -> None:
     """Finish deferred watches of one run, raising for the one whose NaN/Inf came first; a tie goes to the watch
     given first (a bad model output at step i also spoils the update made from it at step i).  One host read."""
-    found = [w for w in watches if w.first_step is not None]
-    if found:
-        device = found[0].first_step.device
-        steps = torch.stack([w.first_step.to(device) for w in found]).tolist()
-        bad = [(step, k) for k, step in enumerate(steps) if step >= 0]
-        if bad:
-            found[min(bad)[1]].finish()
-    for watch in watches:
-        watch.finish()
+    found = [w for w in watches if w.first_step is not None]  # watches that deferred something
+    if not found:
+        return
+    device = found[0].first_step.device
+    steps = torch.stack([w.first_step.to(device) for w in found]).tolist()
+    bad = [(step, k) for k, step in enumerate(steps) if step >= 0]
+    if bad:
+        found[min(bad)[1]].finish()  # raises
 
 
 __all__ = ["NONFINITE_CHECKS", "NonFiniteWatch", "bad_samples", "check_mode", "finish_earliest"]

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..config import check_guidance_scale
 from .denoiser import Denoiser, as_denoiser
 from .grid import Grid, make_grid
 from .multistep import History, adams_bashforth
@@ -116,8 +117,7 @@ def sample_pcg(model, x, process, timesteps, prediction_type=None, *, gamma: flo
     ``model`` is a conditional :class:`~steerdiff.core.Denoiser` (its own guidance is not used: the predictor runs
     the conditional branch, the corrector CFG at gamma); ``generator``: one per sample for per-sample noise.
     """
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= float(gamma) < float("inf"):
-        raise ValueError(f"gamma must be a finite number >= 0 (gamma = 2 w - 1 for CFG scale w), got {gamma!r}")
+    gamma = check_guidance_scale(gamma, "gamma")  # the corrector's CFG weight (gamma = 2 w - 1 for CFG scale w)
     if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
         raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}")
     if step_size is not None and (isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not 0 < step_size < float("inf")):
@@ -127,7 +127,7 @@ def sample_pcg(model, x, process, timesteps, prediction_type=None, *, gamma: flo
     grid, denoiser = _setup(model, x, process, timesteps, prediction_type)
     if not hasattr(denoiser.network, "null"):
         raise ValueError("PCG needs a conditional network (one with a null / unconditional input)")
-    conditional, powered = _guided_view(denoiser, 1.0), _guided_view(denoiser, float(gamma))
+    conditional, powered = _guided_view(denoiser, 1.0), _guided_view(denoiser, gamma)
     bar = grid.sigma_bar_host.tolist()
     n = grid.num_steps
     for i in range(n):

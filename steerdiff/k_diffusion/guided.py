@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ..core.guidance_protocol import COND, UNCOND, GuidanceState, Request, apply_rule
-from ..core.nonfinite import NonFiniteWatch
+from ..core.nonfinite import NonFiniteWatch, finish_earliest
 from ..core.process import NoiseProcess
 from ..core.schedule import NoiseSchedule
 from ..core.sigma_process import FlowSigma, VarianceExplodingSigma
@@ -39,9 +39,7 @@ from ..core.tensors import expand_to, take_rows
 from ..guidance.base import GuidanceRule
 from ..guidance.cfg import CFG
 from ..guidance.perturbations import WeakModel
-from .sampling import comfy_model_sampling, model_sampling_family
-
-PROCESS_NAMES = ("auto", "ve", "flow")
+from .sampling import PROCESSES, comfy_model_sampling, model_sampling_family
 
 
 def schedule_from_sigmas(sigmas) -> NoiseSchedule:
@@ -64,8 +62,8 @@ def process_of_model_sampling(model_sampling) -> NoiseProcess:
 def resolve_guidance_process(model, process) -> NoiseProcess:
     if isinstance(process, NoiseProcess):
         return process
-    if process not in PROCESS_NAMES:
-        raise ValueError(f"process must be a steerdiff NoiseProcess or one of {PROCESS_NAMES}, got {process!r}")
+    if process not in PROCESSES:
+        raise ValueError(f"process must be a steerdiff NoiseProcess or one of {PROCESSES}, got {process!r}")
     if process == "ve":
         return VarianceExplodingSigma()
     if process == "flow":
@@ -154,9 +152,8 @@ class GuidedDenoiser:
         self.rule.reset(timesteps)
 
     def finish(self) -> None:
-        """Raise what a deferred NaN/Inf check found in the run so far."""
-        self._watch.finish()
-        self._guided_watch.finish()
+        """Raise what a deferred NaN/Inf check found in the run so far (the earlier finding)."""
+        finish_earliest(self._watch, self._guided_watch)
         self._watch.reset()
         self._guided_watch.reset()
 

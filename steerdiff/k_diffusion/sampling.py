@@ -95,8 +95,6 @@ def run_sampler(scheduler, model, x, sigmas, extra_args=None, callback=None, dis
         return x
     family = resolve_process(model, process)
     noise_process = FlowSigma() if family == "flow" else VarianceExplodingSigma()
-    if (family == "flow") != (scheduler.config.noise_process == "flow"):
-        raise ValueError(f"the scheduler's noise_process {scheduler.config.noise_process!r} does not fit process {family!r}")
     levels = sigmas.detach().to("cpu", torch.float64)
     scheduler.start_run(make_grid(noise_process, levels, levels if family == "flow" else None, device=x.device))
     s_in = x.new_ones([x.shape[0]])

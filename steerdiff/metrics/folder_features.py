@@ -59,7 +59,6 @@ class ResizedImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         from PIL import Image
 
-
         try:
             with Image.open(self.files[i]) as im:
                 pixels = np.asarray(im.convert("RGB"))

@@ -49,6 +49,7 @@ def check_steps(scheduler, steps: int) -> None:
             + (f" (the model has num_train_timesteps={limit}; use at most {limit})" if limit else "")
         )
 
+
 def load_prompts(value: list[str] | str, what: str = "prompts") -> list[dict[str, str | None]]:
     """``[{"prompt", "negative_prompt"}]`` from a list, a ``.txt`` file (one prompt per non-empty line) or a
     ``.jsonl`` file (one object per line with a string ``prompt`` and optionally ``negative_prompt``)."""
@@ -89,6 +90,7 @@ def load_prompts(value: list[str] | str, what: str = "prompts") -> list[dict[str
         raise ConfigError(f"{what}: prompt file {str(path)!r} holds no prompts")
     return out
 
+
 def resolve_prompts(prompts: list[str] | str, negative_prompts: list[str] | str | None = None) -> list[dict[str, str | None]]:
     """``[{"prompt", "negative_prompt"}]``: the prompts (a list or a file) with ``negative_prompts`` (one string for
     all, or a list / file with one per prompt) filled in where a ``.jsonl`` line gave none."""
@@ -106,6 +108,7 @@ def resolve_prompts(prompts: list[str] | str, negative_prompts: list[str] | str 
         p["negative_prompt"] = p["negative_prompt"] or n
     return out
 
+
 @dataclass
 class PipelineKind:
     """What a pipeline class takes, read from its ``__call__`` signature before any weights are loaded."""
@@ -121,6 +124,7 @@ class PipelineKind:
     def takes(self, param: str) -> bool:
         return param in self.params
 
+
 def pipeline_kind(cls: type) -> PipelineKind:
     from .class_conditional import ClassConditionalPipeline
 
@@ -132,6 +136,7 @@ def pipeline_kind(cls: type) -> PipelineKind:
     else:
         kind = "unconditional"
     return PipelineKind(cls, kind, params)
+
 
 def resolve_pipeline_class(model: str) -> tuple[type, Path | None]:
     """The pipeline class of a built-in name or a local folder, and the folder (None for built-ins): no weights
@@ -165,6 +170,7 @@ def resolve_pipeline_class(model: str) -> tuple[type, Path | None]:
         raise ConfigError(f"model: {str(index)!r} names pipeline class {name!r}, which diffusers {diffusers.__version__} does not have")
     return cls, root
 
+
 def check_image_file(path: str, key: str) -> None:
     """``path`` is an image file PIL can decode (its pixels are read: a truncated file is found now)."""
     file = Path(path).expanduser()
@@ -175,6 +181,7 @@ def check_image_file(path: str, key: str) -> None:
             im.load()
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ConfigError(f"{key}: {path!r} is not an image PIL can read ({type(err).__name__}: {err})") from None
+
 
 def check_call_kwargs(kind: PipelineKind, call_kwargs: dict[str, Any]) -> None:
     """Each value has the type the pipeline's signature annotates (pydantic's lax rules: "0.5" is a float); an
@@ -196,8 +203,10 @@ def check_call_kwargs(kind: PipelineKind, call_kwargs: dict[str, Any]) -> None:
         except Exception:  # a type pydantic cannot check
             continue
 
+
 def _type_name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
 
 @dataclass
 class PipelineCall:
@@ -314,6 +323,7 @@ def num_classes(pipe) -> int | None:
     value = getattr(main_denoiser(pipe).config, "num_embeds_ada_norm", None)
     return int(value) if value else None
 
+
 def load_any_pipeline(model: str, cls: type, folder: Path | None, device, dtype: torch.dtype):
     """A built-in or local class-conditional model (:func:`steerdiff.pipelines.loading.load_pipeline`), or any local
     diffusers pipeline folder: ``cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)`` after every
@@ -335,6 +345,7 @@ def load_any_pipeline(model: str, cls: type, folder: Path | None, device, dtype:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
 
 def planned_scheduler(spec: Spec | None, folder: Path):
     """The scheduler a run of a diffusers folder samples with, built from the folder's scheduler config alone:

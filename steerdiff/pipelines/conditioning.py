@@ -33,7 +33,6 @@ def conditioning_kind(model: nn.Module) -> str:
     """Which of :data:`CONDITIONING_KINDS` ``model`` takes (see the module docstring)."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
-
     if isinstance(model, UNet2DConditionModel):
         return "encoder_hidden_states"
     if isinstance(model, GaussianMixtureDenoiser):

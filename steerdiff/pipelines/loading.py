@@ -41,7 +41,6 @@ def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dty
     elif model in ("mixture", "mixture-flow"):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-
         # the analytic digits mixture, its exact eps under DDPM's schedule or its exact velocity as a flow model
         scheduler = FlowMatchEulerDiscreteScheduler() if model == "mixture-flow" else DDPMScheduler(clip_sample=False)
         unet = fit_digits_mixture(scheduler_config=scheduler)

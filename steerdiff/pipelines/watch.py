@@ -17,6 +17,7 @@ import torch
 from ..core.nonfinite import NonFiniteWatch
 from .hooks import DENOISERS, output_tensor
 
+
 @contextmanager
 def watch_nonfinite(pipe, mode: str = "auto", what: str = "the denoiser output"):
     """Context manager: see the module docstring.  Removes its hooks on exit, also on an exception."""

@@ -560,7 +560,6 @@ def fit_digits_mixture(
     from sklearn.mixture import GaussianMixture
     from threadpoolctl import threadpool_limits
 
-
     if int(components_per_class) < 1:
         raise ValueError(f"components_per_class must be >= 1, got {components_per_class}")
     if not float(reg_covar) > 0:
