@@ -113,6 +113,24 @@ def test_nothing_falls_back_to_vp():
         resolve_grid(noise_process_from_config(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)), 4)
     with pytest.raises(ValueError, match="sigmas= is a flow-matching option"):
         resolve_grid(NoiseSchedule.from_config(DDPMScheduler()), 4, sigmas=[0.9, 0.5])
+
+
+def test_a_scheduler_of_neither_family_is_an_error():
+    """Variance-exploding / EDM schedulers have no betas and no flow key: they were read as DDPM's default VP schedule."""
+    from diffusers import CMStochasticIterativeScheduler, EDMEulerScheduler
+
+    from steerdiff.core.process import model_process
+    from steerdiff.samplers.registry import make_scheduler
+
+    for config in (EDMEulerScheduler(), CMStochasticIterativeScheduler(), {"_class_name": "KarrasVeScheduler"}):
+        name = config["_class_name"] if isinstance(config, dict) else type(config).__name__
+        with pytest.raises(ValueError, match=rf"the scheduler config \({name}\) is neither variance preserving"):
+            model_process(config)
+    with pytest.raises(ValueError, match="neither variance preserving"):
+        NoiseSchedule.from_config(EDMEulerScheduler())
+    with pytest.raises(ValueError, match=r"the scheduler config \(with sigma_data, rho, sigma_min, sigma_max\) is neither"):
+        make_scheduler("ghvb", EDMEulerScheduler().config)  # a config mapping: no class name, its noise levels tell
+    assert noise_process_family({"num_train_timesteps": 500}) == "vp"  # a hand-written dict: DDPM's defaults
     with pytest.raises(ValueError, match="sigmas must be"):
         resolve_grid(FlowMatchSchedule(), sigmas=[1.2, 0.5])
 

@@ -173,8 +173,8 @@ class FlowMatchSchedule(NoiseProcess):
         (the same keys, and ``flow_grid``), or a DPM-Solver / UniPC / DEIS / SA-Solver config with
         ``use_flow_sigmas=True`` (its ``flow_shift`` is the shift, and its class says whose grid it lays out:
         :func:`flow_grid_of_config`).  A VP config is a ValueError."""
-        config = as_config(config)
-        if noise_process_family(config) != "flow":
+        source, config = config, as_config(config)  # the family check reads the scheduler's class too
+        if noise_process_family(source) != "flow":
             raise ValueError("this scheduler config describes a VP schedule, not a flow-matching process")
         get = config.get
         spacings = [name for name in SIGMA_SPACINGS if get(f"use_{name}_sigmas", False)]

@@ -54,6 +54,9 @@ VP_KEYS: dict[str, Any] = {
     "trained_betas": None,
     "rescale_betas_zero_snr": False,
 }
+# noise levels of variance-exploding / EDM schedulers (KarrasVe, EDMEuler, consistency models): in a config without
+# betas they mark a process that is neither VP nor flow matching
+_VE_KEYS = ("sigma_data", "rho", "s_churn", "s_noise", "sigma_min", "sigma_max")
 _FLOW_CLASS_PREFIX = "FlowMatch"
 # keys that only flow-matching schedulers have (VP schedulers such as DPM-Solver / UniPC also carry
 # use_dynamic_shifting, time_shift_type or shift_terminal, for their use_flow_sigmas mode)
@@ -80,7 +83,9 @@ def noise_process_family(config: Mapping[str, Any] | Any) -> str:
     - a ``FlowMatch*`` class (``_class_name``, or the scheduler given), ``use_flow_sigmas=True`` (diffusers'
       DPM-Solver / UniPC / DEIS in flow mode), ``prediction_type="flow_prediction"``, or a flow-only key
       (``shift``, ``base_shift``, ...) in a config without betas means flow;
-    - otherwise VP.
+    - otherwise VP, where the config has a VP key (betas, ...) or names no scheduler class (a hand-written dict:
+      DDPM's defaults); a scheduler class with neither, or a config of variance-exploding noise levels (sigma_max,
+      sigma_data, ...: KarrasVeScheduler, EDMEulerScheduler, ...) without betas, is an error.
 
     Flow configs must not set VP keys (betas) away from their defaults, VP configs must not set flow keys
     (shift, dynamic shifting, ...), ``prediction_type="flow_prediction"`` needs a flow process, and
@@ -123,6 +128,14 @@ def noise_process_family(config: Mapping[str, Any] | Any) -> str:
                 "use FlowMatchEulerDiscreteScheduler for that model"
             )
     else:
+        ve_keys = [k for k in _VE_KEYS if k in config]
+        if declared is None and (class_name or ve_keys) and not any(k in config for k in VP_KEYS):  # neither family
+            raise ValueError(
+                f"the scheduler config ({class_name or 'with ' + ', '.join(ve_keys)}) is neither variance preserving (no "
+                f"{', '.join(VP_KEYS)}) nor flow matching (no FlowMatch class, use_flow_sigmas, flow_prediction or "
+                "shift key): steerdiff cannot tell how it noises data; use a DDPM-family or a FlowMatch scheduler config, "
+                "or set noise_process"
+            )
         bad = _differs(config, FLOW_KEYS)
         if bad:
             raise ValueError(
@@ -138,8 +151,8 @@ def noise_process_family(config: Mapping[str, Any] | Any) -> str:
 def noise_process_from_config(config: Mapping[str, Any] | Any) -> "NoiseProcess":
     """The :class:`NoiseProcess` of a diffusers scheduler config (or scheduler): a VP
     :class:`~steerdiff.core.schedule.NoiseSchedule` or a :class:`~steerdiff.core.flow.FlowMatchSchedule`."""
-    config = as_config(config)
-    if noise_process_family(config) == "flow":  # flow.py and schedule.py build on this module: imported here
+    source, config = config, as_config(config)  # the family check reads the scheduler's class too
+    if noise_process_family(source) == "flow":  # flow.py and schedule.py build on this module: imported here
         from .flow import FlowMatchSchedule
 
         return FlowMatchSchedule.from_config(config)
@@ -152,8 +165,8 @@ def prediction_type_from_config(config: Mapping[str, Any] | Any) -> str:
     """What the network predicts under this config: its ``prediction_type``, else "flow_prediction" for a flow
     process (FlowMatchEulerDiscreteScheduler has no such key: its models predict the velocity) and "epsilon"
     for a VP one (diffusers' default)."""
-    config = as_config(config)
-    family = noise_process_family(config)
+    source, config = config, as_config(config)
+    family = noise_process_family(source)
     given = config.get("prediction_type")
     if given is None:
         return "flow_prediction" if family == "flow" else "epsilon"

@@ -90,8 +90,8 @@ class NoiseSchedule(NoiseProcess):
         ``rescale_betas_zero_snr`` and ``set_alpha_to_one`` with diffusers' defaults.  A zero terminal SNR is
         clamped to alphas_cumprod = 2**-24 as diffusers' DPM-Solver does.
         """
-        config = as_config(config)
-        if noise_process_family(config) != "vp":
+        source, config = config, as_config(config)  # the family check reads the scheduler's class too
+        if noise_process_family(source) != "vp":
             raise ValueError(
                 "this scheduler config describes a flow-matching process, not a VP schedule; build it with "
                 "steerdiff.core.noise_process_from_config (or FlowMatchSchedule.from_config)"
